@@ -1,0 +1,14 @@
+"""dsv3lite: a working, readable reproduction of DeepSeek-V3's infrastructure.
+
+Public API::
+
+    from dsv3lite import ModelConfig, DeepSeekV3, load_pretrained, save_pretrained
+    model = DeepSeekV3(preset("tiny"))
+    logits = model(input_ids)                                  # [B, T, vocab_size]
+"""
+
+from .config import ModelConfig, preset
+from .model import DeepSeekV3, KVCache
+
+__all__ = ["ModelConfig", "preset", "DeepSeekV3", "KVCache"]
+__version__ = "0.1.0"

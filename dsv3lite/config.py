@@ -1,0 +1,325 @@
+"""ModelConfig: the hyper-parameters of a DeepSeek-V3-style model, with Hugging Face field names.
+
+The field names are those of transformers' ``DeepseekV3Config`` (and of the release's
+``config.json``), so a config reads and writes without a translation table. Three presets:
+
+* ``tiny``    — trains in minutes on a 2-core CPU (the course's workhorse);
+* ``small``   — 100M+ parameters, for one GPU;
+* ``v3-671b`` — the release's shapes, for accounting only (never instantiate it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of the model; see the report §2 and Table 1 of arXiv 2412.19437."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense FFN width (the first_k_dense_replace layers)
+    moe_intermediate_size: int = 2048  # width of one routed or shared expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536  # d_c' in eq. (6); None or 0: no query compression
+    kv_lora_rank: int = 512  # d_c in eq. (1)
+    qk_nope_head_dim: int = 128  # d_h
+    qk_rope_head_dim: int = 64  # d_h^R
+    v_head_dim: int = 128
+    n_routed_experts: int = 256  # N_r
+    n_shared_experts: int = 1  # N_s
+    num_experts_per_tok: int = 8  # K_r
+    n_group: int = 8  # expert groups (one per node in the report's deployment)
+    topk_group: int = 4  # groups a token may reach (node-limited routing, M = 4)
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    scoring_func: str = "sigmoid"  # "softmax" for DeepSeek-V2-style gates
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor": ..., ...} or None
+    rope_interleave: bool = True
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1  # MTP depth D (§2.2)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys
+
+    def __post_init__(self) -> None:
+        if self.q_lora_rank == 0:
+            self.q_lora_rank = None
+        if self.rope_scaling is not None:
+            self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: the no-position part plus the decoupled RoPE part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_h^R), times mscale² under YaRN (as transformers and the release do)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("mscale_all_dim"):
+            m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layers before first_k_dense_replace use a dense FFN; the rest DeepSeekMoE."""
+        return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the allowed values when the config is unusable."""
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.q_lora_rank is not None and (
+            not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0
+        ):
+            raise ValueError(
+                f"ModelConfig.q_lora_rank must be a positive integer, or None/0 for no query "
+                f"compression, got {self.q_lora_rank!r}"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}"
+            )
+        for name in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.num_nextn_predict_layers < 0:
+            raise ValueError(
+                f"ModelConfig.num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}"
+            )
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(
+                f"ModelConfig.scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"ModelConfig.hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.n_routed_experts > 0:
+            self._validate_routing()
+
+    def _validate_routing(self) -> None:
+        if self.n_group < 1:
+            raise ValueError(f"ModelConfig.n_group must be >= 1, got {self.n_group}")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                f"n_group ({self.n_group}); allowed n_group values: "
+                f"{[g for g in range(1, self.n_routed_experts + 1) if self.n_routed_experts % g == 0]}"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(
+                f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}"
+            )
+        per_group = self.n_routed_experts // self.n_group
+        if self.n_group > 1 and per_group < 2:
+            raise ValueError(
+                f"ModelConfig.n_group={self.n_group} leaves {per_group} expert per group; group "
+                "scores sum each group's top-2 experts, so every group needs at least 2 "
+                f"(n_group <= {self.n_routed_experts // 2})"
+            )
+        reachable = self.topk_group * per_group
+        if not 1 <= self.num_experts_per_tok <= reachable:
+            raise ValueError(
+                f"ModelConfig.num_experts_per_tok must be in [1, {reachable}] (topk_group × "
+                f"experts per group = {self.topk_group} × {per_group}), got {self.num_experts_per_tok}"
+            )
+
+    # ------------------------------------------------------------------ config.json I/O
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json content, in the release's spelling (rope_theta + rope_scaling)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        d["model_type"] = "deepseek_v3"
+        d["architectures"] = ["DeepseekV3ForCausalLM"]
+        d["num_key_value_heads"] = self.num_attention_heads
+        d["topk_method"] = "noaux_tc"
+        d["attention_bias"] = False
+        d.setdefault("torch_dtype", "float32")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict in either spelling (release or transformers 5)."""
+        d = dict(d)
+        rope_parameters = d.pop("rope_parameters", None)
+        if rope_parameters:
+            d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            rtype = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+            if rtype not in ("default", None) and not d.get("rope_scaling"):
+                d["rope_scaling"] = rope_parameters
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if known.get("rope_scaling") is not None and not isinstance(known["rope_scaling"], dict):
+            raise ValueError(f"config.rope_scaling must be a dict or null, got {known['rope_scaling']!r}")
+        return cls(**known, extra=extra)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config.json atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        target = path / "config.json" if path.is_dir() else path
+        atomic_write_text(target, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read config.json (or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1·mscale·ln(factor) + 1 (1 when factor <= 1)."""
+    import math
+
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
+    """Accept the release's {"type": "yarn", ...} and transformers' {"rope_type": "yarn", ...}."""
+    rs = dict(rs)
+    rtype = rs.pop("rope_type", None) or rs.pop("type", None)
+    rs.pop("rope_theta", None)
+    if rtype in (None, "default"):
+        return None
+    if rtype != "yarn":
+        raise ValueError(f"config.rope_scaling type must be 'yarn' (or absent), got {rtype!r}")
+    if "factor" not in rs or "original_max_position_embeddings" not in rs:
+        raise ValueError(
+            "config.rope_scaling of type 'yarn' needs 'factor' and 'original_max_position_embeddings'"
+        )
+    unknown = set(rs) - set(_YARN_KEYS) - {"truncate", "attention_factor"}
+    if unknown:
+        raise ValueError(f"config.rope_scaling has unknown keys {sorted(unknown)}; allowed: {_YARN_KEYS}")
+    return {"type": "yarn", **rs}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~1.3M parameters: a few minutes of training on a 2-core CPU.
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=512,
+    ),
+    # 100M+ parameters (about 20M activated): one GPU.
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        moe_intermediate_size=256,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=64,
+        n_shared_experts=1,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=4096,
+    ),
+    # The release's config.json (DeepSeek-V3 / V3-0324 / R1 share it).
+    "v3-671b": dict(
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        max_position_embeddings=163840,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset ('tiny', 'small', 'v3-671b'), with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,120 @@
+"""Multi-head Latent Attention (report §2.1.1, eqs. 1–11), with two equal paths.
+
+Keys and values are compressed jointly into a latent c^KV_t = W^DKV h_t (eq. 1, kv_lora_rank
+wide); per-head keys and values come back up through W^UK and W^UV (eqs. 2, 5). Position
+enters only through a separate, decoupled key k^R_t = RoPE(W^KR h_t) shared by all heads
+(eq. 3), because RoPE between W^UK and the query would stop W^UK from being folded.
+
+* ``naive``  — expand K and V for every cached token, then ordinary attention; its cache holds
+  the expanded K/V.
+* ``absorb`` — fold W^UK into the query (q^C·W^UK) and W^UV into the output, so attention runs
+  directly against the latent; its cache holds only c^KV and k^R. This is how the release is
+  served: fewer bytes per token, more FLOPs per byte (compute-bound decode at 128 heads).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .norm import RMSNorm
+from .rope import apply_rope
+
+ATTN_IMPLS = ("naive", "absorb")
+
+
+class MLA(nn.Module):
+    """MLA with the release's parameter names (q_a_proj … o_proj)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        c = config
+        self.n_heads = c.num_attention_heads
+        self.nope, self.rope, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        qk = c.qk_head_dim
+        if c.q_lora_rank:  # eqs. (6)-(7): queries are compressed too, to save training memory
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
+        # W^DKV and W^KR in one matrix (eqs. 1 and 3): [c^KV | k^R] = h W
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        # W^UK and W^UV in one matrix (eqs. 2 and 5), per head [nope | v] rows
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
+        self.softmax_scale = c.softmax_scale
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q^C (no position) and q^R (rotated), each [B, T, H, ·] (eqs. 6–9)."""
+        b, t, _ = x.shape
+        if self.config.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(b, t, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.config.rope_interleave)
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """c^KV (normed) [B, T, kv_lora_rank] and k^R (rotated) [B, T, d_h^R] (eqs. 1, 3)."""
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        return self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.config.rope_interleave)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        impl: str = "naive",
+    ) -> torch.Tensor:
+        """x [B, T, hidden] → [B, T, hidden]; ``mask`` [T, S] additive (0 / -inf) or None."""
+        q_nope, q_pe = self._queries(x, cos, sin)
+        kv, k_pe = self._latent(x, cos, sin)
+        if impl == "naive":
+            out = self._naive(q_nope, q_pe, kv, k_pe, mask, cache)
+        elif impl == "absorb":
+            out = self._absorbed(q_nope, q_pe, kv, k_pe, mask, cache)
+        else:
+            raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        return self.o_proj(out.flatten(2))
+
+    def _naive(self, q_nope, q_pe, kv, k_pe, mask, cache):
+        b, t, h, _ = q_nope.shape
+        kv_up = self.kv_b_proj(kv).view(b, t, h, self.nope + self.v_dim)
+        k_nope, v = kv_up.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, t, h, self.rope)], dim=-1)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale
+        probs = _softmax(scores, mask).to(v.dtype)
+        return torch.einsum("bsht,bthd->bshd", probs, v)
+
+    def _absorbed(self, q_nope, q_pe, kv, k_pe, mask, cache):
+        if cache is not None:
+            kv, k_pe = cache.update(self.layer_idx, kv, k_pe)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W^UK folded into the query
+        scores = torch.einsum("bshc,btc->bsht", q_latent, kv)
+        scores = (scores + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+        probs = _softmax(scores, mask).to(kv.dtype)
+        out_latent = torch.einsum("bsht,btc->bshc", probs, kv)
+        return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # W^UV folded into the output
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over keys in fp32; ``mask`` [S, T] broadcasts over batch and heads."""
+    scores = scores.float()
+    if mask is not None:
+        scores = scores + mask[None, :, None, :]
+    return F.softmax(scores, dim=-1)
