@@ -1,0 +1,143 @@
+"""Parameter and KV-cache accounting from a config alone (no weights are allocated).
+
+The numbers for the release's shapes reproduce the report: 671B total parameters (MTP
+excluded; 685B on disk with the MTP layer and its copies of embedding and head), of which
+about 37B are activated per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+# What a token touches: every part except the routed experts it is not sent to, and except the
+# embedding table, whose "use" is reading one row, not multiplying by the matrix. The release
+# notes' 36.7B counts the same way (our figure: see ``activated``).
+PARTS = (
+    "embedding",
+    "attention",
+    "dense_mlp",
+    "routed_experts",
+    "shared_experts",
+    "gate",
+    "norms",
+    "head",
+)
+
+
+def _attention(c: ModelConfig) -> int:
+    h, qk = c.num_attention_heads, c.qk_head_dim
+    if c.q_lora_rank:
+        q = c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
+    else:
+        q = c.hidden_size * h * qk
+    kv = c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+    kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
+    return q + kv + h * c.v_head_dim * c.hidden_size
+
+
+def _layer(c: ModelConfig, layer_idx: int) -> dict[str, int]:
+    """Parameters of one decoder layer, by part (both the total and what one token uses)."""
+    mlp = 3 * c.hidden_size
+    parts = dict.fromkeys(PARTS, 0)
+    parts["attention"] = _attention(c)
+    parts["norms"] = 2 * c.hidden_size
+    if c.is_moe_layer(layer_idx):
+        parts["routed_experts"] = c.n_routed_experts * mlp * c.moe_intermediate_size
+        parts["shared_experts"] = c.n_shared_experts * mlp * c.moe_intermediate_size
+        parts["gate"] = c.n_routed_experts * c.hidden_size + c.n_routed_experts
+    else:
+        parts["dense_mlp"] = mlp * c.intermediate_size
+    return parts
+
+
+@dataclass
+class ParamCount:
+    """Total and activated parameters, by part; ``mtp`` is reported apart, as the report does."""
+
+    total: dict[str, int]
+    activated: dict[str, int]
+    mtp_total: int
+    mtp_activated: int
+
+    @property
+    def total_sum(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def activated_sum(self) -> int:
+        return sum(self.activated.values())
+
+
+def count_parameters(c: ModelConfig) -> ParamCount:
+    """Count parameters of the main model (and the MTP modules separately) from the config."""
+    total = dict.fromkeys(PARTS, 0)
+    activated = dict.fromkeys(PARTS, 0)
+    for i in range(c.num_hidden_layers):
+        for part, n in _layer(c, i).items():
+            total[part] += n
+            activated[part] += n
+        if c.is_moe_layer(i):
+            activated["routed_experts"] -= (
+                (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+            )
+    emb = c.vocab_size * c.hidden_size
+    total["embedding"] = emb
+    total["head"] = 0 if c.tie_word_embeddings else emb
+    activated["head"] = emb
+    total["norms"] += c.hidden_size
+    activated["norms"] += c.hidden_size
+    # one MTP module: a MoE block + enorm, hnorm, eh_proj, its head norm (embedding/head shared)
+    mtp_layer = _layer(c, max(c.num_hidden_layers, c.first_k_dense_replace))
+    extra = 3 * c.hidden_size + 2 * c.hidden_size * c.hidden_size
+    mtp_total = sum(mtp_layer.values()) + extra
+    mtp_act = mtp_total - (
+        (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+    )
+    d = c.num_nextn_predict_layers
+    return ParamCount(total, activated, d * mtp_total, d * mtp_act)
+
+
+@dataclass
+class CacheBytes:
+    """KV-cache bytes per token per layer for three attention designs with the same heads."""
+
+    mha: int  # full keys (d_h + d_h^R) and values (d_v) of every head
+    gqa8: int  # the same with 8 key/value groups, for comparison
+    mla: int  # the latent c^KV plus the shared RoPE key k^R
+
+
+def kv_cache_bytes(c: ModelConfig, bytes_per_value: int = 2) -> CacheBytes:
+    """Per token per layer, at ``bytes_per_value`` (2 for bf16)."""
+    per_head = c.qk_head_dim + c.v_head_dim
+    return CacheBytes(
+        mha=c.num_attention_heads * per_head * bytes_per_value,
+        gqa8=8 * per_head * bytes_per_value,
+        mla=(c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_value,
+    )
+
+
+def format_count(n: float) -> str:
+    """12_345_678 → '12.35M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def parameter_table(c: ModelConfig) -> str:
+    """A text table: part, total, activated per token."""
+    pc = count_parameters(c)
+    rows = [f"{'part':<16}{'total':>12}{'activated':>12}"]
+    for part in PARTS:
+        rows.append(
+            f"{part:<16}{format_count(pc.total[part]):>12}{format_count(pc.activated[part]):>12}"
+        )
+    rows.append(
+        f"{'sum':<16}{format_count(pc.total_sum):>12}{format_count(pc.activated_sum):>12}"
+    )
+    rows.append(
+        f"{'MTP (apart)':<16}{format_count(pc.mtp_total):>12}{format_count(pc.mtp_activated):>12}"
+    )
+    return "\n".join(rows)
