@@ -80,7 +80,10 @@ def count_parameters(c: ModelConfig) -> ParamCount:
             activated[part] += n
         if c.is_moe_layer(i):
             activated["routed_experts"] -= (
-                (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+                (c.n_routed_experts - c.num_experts_per_tok)
+                * 3
+                * c.hidden_size
+                * c.moe_intermediate_size
             )
     emb = c.vocab_size * c.hidden_size
     total["embedding"] = emb
@@ -134,9 +137,7 @@ def parameter_table(c: ModelConfig) -> str:
         rows.append(
             f"{part:<16}{format_count(pc.total[part]):>12}{format_count(pc.activated[part]):>12}"
         )
-    rows.append(
-        f"{'sum':<16}{format_count(pc.total_sum):>12}{format_count(pc.activated_sum):>12}"
-    )
+    rows.append(f"{'sum':<16}{format_count(pc.total_sum):>12}{format_count(pc.activated_sum):>12}")
     rows.append(
         f"{'MTP (apart)':<16}{format_count(pc.mtp_total):>12}{format_count(pc.mtp_activated):>12}"
     )

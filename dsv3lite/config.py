@@ -63,7 +63,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # other keys
 
     def __post_init__(self) -> None:
         if self.q_lora_rank == 0:
@@ -170,8 +170,10 @@ class ModelConfig:
     # ------------------------------------------------------------------ config.json I/O
     def to_dict(self) -> dict[str, Any]:
         """The config.json content, in the release's spelling (rope_theta + rope_scaling)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d.update(self.extra)
+        d = dict(self.extra)
+        d.update(
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        )
         d["model_type"] = "deepseek_v3"
         d["architectures"] = ["DeepseekV3ForCausalLM"]
         d["num_key_value_heads"] = self.num_attention_heads
@@ -190,11 +192,19 @@ class ModelConfig:
             rtype = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
             if rtype not in ("default", None) and not d.get("rope_scaling"):
                 d["rope_scaling"] = rope_parameters
+        kv_heads = d.get("num_key_value_heads")
+        if kv_heads is not None and kv_heads != d.get("num_attention_heads", kv_heads):
+            raise ValueError(
+                f"config.num_key_value_heads ({kv_heads}) must equal num_attention_heads: MLA "
+                "expands every head's key and value from the shared latent"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         if known.get("rope_scaling") is not None and not isinstance(known["rope_scaling"], dict):
-            raise ValueError(f"config.rope_scaling must be a dict or null, got {known['rope_scaling']!r}")
+            raise ValueError(
+                f"config.rope_scaling must be a dict or null, got {known['rope_scaling']!r}"
+            )
         return cls(**known, extra=extra)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -240,7 +250,9 @@ def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
         )
     unknown = set(rs) - set(_YARN_KEYS) - {"truncate", "attention_factor"}
     if unknown:
-        raise ValueError(f"config.rope_scaling has unknown keys {sorted(unknown)}; allowed: {_YARN_KEYS}")
+        raise ValueError(
+            f"config.rope_scaling has unknown keys {sorted(unknown)}; allowed: {_YARN_KEYS}"
+        )
     return {"type": "yarn", **rs}
 
 

@@ -47,7 +47,9 @@ class MLA(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope, bias=False)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         # W^UK and W^UV in one matrix (eqs. 2 and 5), per head [nope | v] rows
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=False)
         self.softmax_scale = c.softmax_scale
 

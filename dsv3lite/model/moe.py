@@ -80,7 +80,7 @@ class Gate(nn.Module):
     def _limit_groups(self, biased: torch.Tensor) -> torch.Tensor:
         """Keep the topk_group groups with the highest sum of their top-2 biased scores."""
         c = self.config
-        grouped = biased.view(biased.shape[0], c.n_group, -1)
+        grouped = biased.view(biased.shape[0], c.n_group, c.n_routed_experts // c.n_group)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         keep = group_scores.topk(c.topk_group, dim=-1, sorted=False).indices
         mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
@@ -130,7 +130,8 @@ class MoE(nn.Module):
             if n:
                 out[start : start + n] = expert(xs[start : start + n])
             start += n
-        w = routing.weights.flatten()[order, None]
-        y = torch.zeros_like(x, dtype=torch.float32)
-        y.index_add_(0, token, out.float() * w)
+        # accumulate the K_r contributions of a token in at least fp32, as bf16 sums would round
+        acc = torch.promote_types(x.dtype, torch.float32)
+        w = routing.weights.flatten()[order, None].to(acc)
+        y = torch.zeros_like(x, dtype=acc).index_add_(0, token, out.to(acc) * w)
         return y.to(x.dtype)
