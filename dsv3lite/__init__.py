@@ -7,8 +7,16 @@ Public API::
     logits = model(input_ids)                                  # [B, T, vocab_size]
 """
 
+from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig, preset
 from .model import DeepSeekV3, KVCache
 
-__all__ = ["ModelConfig", "preset", "DeepSeekV3", "KVCache"]
+__all__ = [
+    "ModelConfig",
+    "preset",
+    "DeepSeekV3",
+    "KVCache",
+    "load_pretrained",
+    "save_pretrained",
+]
 __version__ = "0.1.0"
