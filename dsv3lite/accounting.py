@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from .config import ModelConfig
 
 # What a token touches: every part except the routed experts it is not sent to, and except the
-# embedding table, whose "use" is reading one row, not multiplying by the matrix. The release
-# notes' 36.7B counts the same way (our figure: see ``activated``).
+# embedding table, whose "use" is reading one row, not multiplying by the matrix. The release's
+# README_WEIGHTS.md first said 36.7B "including 0.9B for Embedding and 0.9B for the output Head",
+# later 36.6B "including 0.9B for the output Head": we count as the later text does (36.63B).
 PARTS = (
     "embedding",
     "attention",
@@ -107,7 +108,7 @@ class CacheBytes:
     """KV-cache bytes per token per layer for three attention designs with the same heads."""
 
     mha: int  # full keys (d_h + d_h^R) and values (d_v) of every head
-    gqa8: int  # the same with 8 key/value groups, for comparison
+    gqa8: int  # GQA with 8 key/value groups (one per head if fewer heads), for comparison
     mla: int  # the latent c^KV plus the shared RoPE key k^R
 
 
@@ -116,7 +117,7 @@ def kv_cache_bytes(c: ModelConfig, bytes_per_value: int = 2) -> CacheBytes:
     per_head = c.qk_head_dim + c.v_head_dim
     return CacheBytes(
         mha=c.num_attention_heads * per_head * bytes_per_value,
-        gqa8=8 * per_head * bytes_per_value,
+        gqa8=min(8, c.num_attention_heads) * per_head * bytes_per_value,
         mla=(c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_value,
     )
 

@@ -124,12 +124,13 @@ class MoE(nn.Module):
         token = order // k
         counts = routing.load.tolist()  # one host sync, not one per expert
         xs = x[token]
-        out = torch.empty_like(xs)
-        start = 0
+        # each expert's slice is contiguous; cat (not slice assignment) keeps backward cheap
+        pieces, start = [], 0
         for expert, n in zip(self.experts, counts):
             if n:
-                out[start : start + n] = expert(xs[start : start + n])
+                pieces.append(expert(xs[start : start + n]))
             start += n
+        out = torch.cat(pieces) if pieces else xs
         # accumulate the K_r contributions of a token in at least fp32, as bf16 sums would round
         acc = torch.promote_types(x.dtype, torch.float32)
         w = routing.weights.flatten()[order, None].to(acc)
