@@ -186,6 +186,11 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict in either spelling (release or transformers 5)."""
         d = dict(d)
+        for derived in ("head_dim", "qk_head_dim"):  # transformers writes these; we derive them
+            d.pop(derived, None)
+        if "dtype" in d:  # transformers 5 spells torch_dtype as dtype
+            dtype = d.pop("dtype")
+            d.setdefault("torch_dtype", dtype)
         rope_parameters = d.pop("rope_parameters", None)
         if rope_parameters:
             d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))

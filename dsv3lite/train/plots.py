@@ -49,7 +49,11 @@ def plot_run(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         load = rows[-1]["expert_load"]  # [layers][experts], fraction of the step's tokens
         im = ax.imshow(load, aspect="auto", cmap="viridis")
         fig.colorbar(im, ax=ax, label="share of routed tokens")
-    ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load at step {steps[-1] if steps else 0}")
+    ax.set(
+        xlabel="expert",
+        ylabel="MoE layer",
+        title=f"Expert load at step {steps[-1] if steps else 0}",
+    )
     paths.append(_save(fig, out_dir / "expert_load.png"))
     return paths
 

@@ -70,7 +70,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.balance not in BALANCE_MODES:
-            raise ValueError(f"TrainConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}")
+            raise ValueError(
+                f"TrainConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}"
+            )
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -90,7 +92,9 @@ class RunResult:
     final: Path
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None) -> RunResult:
+def train(
+    cfg: TrainConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None
+) -> RunResult:
     """Train (or resume) a run; ``on_log`` receives every logged metrics row (live plots)."""
     cfg.validate()
     out = Path(cfg.out)
@@ -293,14 +297,20 @@ def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
     now = dataclasses.asdict(cfg)
     diff = {k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != now.get(k)}
     if diff:
-        details = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {now.get(k)!r}" for k in sorted(diff))
-        raise ValueError(f"--resume with a different configuration ({details}); only "
-                         f"{sorted(RESUMABLE_CHANGES)} may change")
+        details = ", ".join(
+            f"{k}: checkpoint {saved[k]!r} vs now {now.get(k)!r}" for k in sorted(diff)
+        )
+        raise ValueError(
+            f"--resume with a different configuration ({details}); only "
+            f"{sorted(RESUMABLE_CHANGES)} may change"
+        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in keep))

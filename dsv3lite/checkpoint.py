@@ -1,0 +1,585 @@
+"""Checkpoints in the DeepSeek-V3 release's Hugging Face format: shards, FP8 blocks, the MTP layer.
+
+A checkpoint is a directory holding ``config.json`` and either one ``model.safetensors`` or
+several ``model-0000i-of-0000n.safetensors`` shards listed by ``model.safetensors.index.json``
+(its ``weight_map`` says which shard holds each key). The keys are our module names, with two
+exceptions the release imposes:
+
+* MTP module k (report §2.2) is stored as one more decoder layer, ``model.layers.{L + k}.*``
+  (L = num_hidden_layers), not under ``model.mtp.{k}.*`` as here.
+* That layer also carries copies of the embedding and the output matrix
+  (``embed_tokens.weight``, ``shared_head.head.weight``), so that it can be served on its own.
+  Our MTP modules *share* the main model's (the report's design), so we write the copies and,
+  on load, check that they equal the main ones and drop them.
+
+The release ships its weights in FP8 (report §3.3): every Linear weight inside the decoder
+layers (not the gate, the embedding, the head or the norms) is ``float8_e4m3fn`` with a float32
+``weight_scale_inv`` per 128×128 block, so that ``w ≈ q · s`` block by block (the convention of
+the release's ``weight_dequant``). We dequantize on load and can write that format on save.
+
+Loading never holds two copies of the model: it is built on the meta device (no memory), given
+empty storage, then filled one tensor at a time from memory-mapped files. Saving is atomic: a
+reader of ``path`` sees the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ModelConfig
+from .model import DeepSeekV3
+from .model.rope import RotaryEmbedding
+
+BLOCK = 128  # the release's weight_block_size: one scale per 128×128 block
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: the largest finite E4M3 value
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_MTP_KEY = re.compile(r"model\.mtp\.(\d+)\.(.+)")
+# Keys that describe how the weights are stored, not the model; save_pretrained rewrites them.
+_STORAGE_KEYS = ("quantization_config", "torch_dtype", "dtype")
+_MAX_LISTED = 20  # problems listed in one error message
+
+
+# ---------------------------------------------------------------------------------- FP8 blocks
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize a 2-D weight to E4M3: returns (q, scale_inv) with w ≈ q · scale_inv.
+
+    Each 128×128 block gets scale amax/448, so its largest entry lands on E4M3's largest value;
+    edge blocks of a dimension that is not a multiple of 128 are smaller and scaled on their own
+    (the zero padding never raises a block's amax). An all-zero block keeps scale 1.
+    """
+    n, k = w.shape
+    nb, kb = math.ceil(n / BLOCK), math.ceil(k / BLOCK)
+    padded = nn.functional.pad(w.detach().float(), (0, kb * BLOCK - k, 0, nb * BLOCK - n))
+    blocks = padded.view(nb, BLOCK, kb, BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # The clamp guards the rounding of amax/scale: an E4M3 cast above 448 gives NaN, not 448.
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.view(nb * BLOCK, kb * BLOCK)[:n, :k].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """q · scale_inv, each scale broadcast over its 128×128 block (ragged edges included); fp32."""
+    n, k = q.shape
+    s = scale_inv.float().repeat_interleave(BLOCK, dim=0)[:n]
+    s = s.repeat_interleave(BLOCK, dim=1)[:, :k]
+    return q.float() * s
+
+
+def scale_shape(shape: tuple[int, ...] | list[int]) -> list[int]:
+    """The shape of weight_scale_inv for a weight of ``shape``: one entry per (partial) block."""
+    return [math.ceil(d / BLOCK) for d in shape]
+
+
+def _fp8_config() -> dict:
+    """The release's quantization_config (activations are quantized on the fly, 1×128 tiles)."""
+    return {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [BLOCK, BLOCK],
+    }
+
+
+def _validate_quantization_config(qc: object) -> None:
+    """Accept only what ``dequantize_weight`` implements; name the field otherwise."""
+    if not isinstance(qc, dict):
+        raise ValueError(f"config.quantization_config must be a dict, got {qc!r}")
+    for name, allowed in _fp8_config().items():
+        optional = name in (
+            "fmt",
+            "activation_scheme",
+        )  # the release spells them out; others may not
+        value = qc.get(name, allowed if optional else None)
+        if value != allowed:
+            raise ValueError(
+                f"config.quantization_config.{name} must be {allowed!r}, got {value!r}"
+            )
+
+
+# ---------------------------------------------------------------------------------- key names
+def disk_key(config: ModelConfig, key: str) -> str:
+    """Our parameter name → the release's key (only MTP modules move: model.mtp.k → layers.L+k)."""
+    m = _MTP_KEY.fullmatch(key)
+    if m is None:
+        return key
+    return f"model.layers.{config.num_hidden_layers + int(m[1])}.{m[2]}"
+
+
+def _model_key(config: ModelConfig, key: str) -> tuple[str, bool]:
+    """The release's key → (our name, is_copy). A copy names the main tensor it must equal."""
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    if key == "lm_head.weight" and config.tie_word_embeddings:
+        return head, True
+    m = _LAYER_KEY.fullmatch(key)
+    if m is None or int(m[1]) < config.num_hidden_layers:
+        return key, False
+    k, rest = int(m[1]) - config.num_hidden_layers, m[2]
+    copies = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": head}
+    if rest in copies and k < config.num_nextn_predict_layers:
+        return copies[rest], True
+    return f"model.mtp.{k}.{rest}", False
+
+
+def fp8_weight_names(model: DeepSeekV3) -> set[str]:
+    """The weights the release stores in FP8: every nn.Linear in the decoder layers and MTP
+    modules. The router (``mlp.gate``, not an nn.Linear here) stays high precision, as do the
+    embedding, the head and the norms: they are small, or too sensitive (report §3.3.1)."""
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(("model.layers.", "model.mtp."))
+    }
+
+
+# ---------------------------------------------------------------------------------- reading
+class _Files:
+    """A checkpoint's tensors by key, read one at a time from memory-mapped safetensors files."""
+
+    def __init__(self, path: Path, stack: ExitStack) -> None:
+        self.weight_map = _weight_map(path)
+        self._stack = stack
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, key: str):
+        file = self.weight_map[key]
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(file, "pt"))
+        return self._handles[file]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._open(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name: 'BF16', 'F32', 'F8_E4M3', ..."""
+        return self._open(key).get_slice(key).get_dtype()
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor at ``key``, dequantized to fp32 when it is stored in FP8."""
+        t = self._open(key).get_tensor(key)
+        if t.dtype == torch.float8_e4m3fn:
+            t = dequantize_weight(t, self._open(key + SCALE_SUFFIX).get_tensor(key + SCALE_SUFFIX))
+        return t
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """key → file, from the index when there is one, else from the single file's header."""
+    index = path / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: path / name for key, name in weight_map.items()}
+    single = path / SINGLE_NAME
+    if not single.exists():
+        raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+@dataclass
+class _Plan:
+    """What to copy where, decided from the files' headers before any data is read."""
+
+    loads: list[tuple[str, str]] = field(default_factory=list)  # (disk key, our name)
+    copies: list[tuple[str, str]] = field(default_factory=list)  # (disk key, main name)
+    problems: list[str] = field(default_factory=list)
+
+
+def _plan(config: ModelConfig, targets: dict[str, torch.Tensor], files: _Files, fp8: bool) -> _Plan:
+    """Match every key on disk to a tensor of the model; collect every mismatch.
+
+    Keys are visited file by file, so that loading then reads one shard after the other.
+    """
+    plan = _Plan()
+    for key in sorted(files.weight_map, key=lambda k: files.weight_map[k]):
+        if key.endswith(SCALE_SUFFIX):
+            continue  # checked with its weight
+        ours, is_copy = _model_key(config, key)
+        found = files.shape(key)
+        if ours not in targets:
+            plan.problems.append(f"unexpected key {key} (shape {found})")
+            continue
+        expected = list(targets[ours].shape)
+        if found != expected:
+            plan.problems.append(f"{key}: expected shape {expected}, found {found}")
+            continue
+        plan.problems += _fp8_problems(key, files, fp8)
+        (plan.copies if is_copy else plan.loads).append((key, ours))
+    plan.problems += _orphan_scales(files)
+    plan.problems += _missing(config, targets, {ours for _, ours in plan.loads})
+    return plan
+
+
+def _missing(config: ModelConfig, targets: dict[str, torch.Tensor], loaded: set[str]) -> list[str]:
+    """One line per tensor of the model that no key fills, in the release's spelling."""
+    missing = [name for name in targets if name not in loaded]
+    lines = [
+        f"missing key {disk_key(config, name)} (expected shape {list(targets[name].shape)})"
+        for name in missing
+    ]
+    if any(name.startswith("model.mtp.") for name in missing):
+        lines.insert(
+            0,
+            f"the checkpoint lacks the MTP weights (model.layers.{config.num_hidden_layers}.*), "
+            "as transformers' save_pretrained writes it; set num_nextn_predict_layers to 0 in "
+            "config.json to load the main model alone",
+        )
+    return lines
+
+
+def _fp8_problems(key: str, files: _Files, fp8: bool) -> list[str]:
+    """An FP8 tensor needs a quantization_config and a scale of the block-grid shape."""
+    dtype = files.dtype(key)
+    if not dtype.startswith("F8"):
+        return []
+    if dtype != "F8_E4M3":
+        return [f"{key} is stored as {dtype}; only F8_E4M3 (e4m3fn) weights are supported"]
+    if not fp8:
+        return [f"{key} is stored in FP8 but config.json has no quantization_config"]
+    scale = key + SCALE_SUFFIX
+    expected = scale_shape(files.shape(key))
+    if len(expected) != 2:
+        return [f"{key} is stored in FP8 but is not a 2-D weight"]
+    if scale not in files.weight_map:
+        return [f"missing key {scale} (expected shape {expected}) for the FP8 weight {key}"]
+    if files.shape(scale) != expected:
+        return [f"{scale}: expected shape {expected}, found {files.shape(scale)}"]
+    if files.dtype(scale) not in ("F32", "BF16", "F16"):
+        return [f"{scale} is stored as {files.dtype(scale)}; scales must be floating point"]
+    return []
+
+
+def _orphan_scales(files: _Files) -> list[str]:
+    """A weight_scale_inv whose weight is absent or not FP8 would be silently ignored: refuse."""
+    return [
+        f"unexpected key {key} (shape {files.shape(key)}): no FP8 weight "
+        f"{key.removesuffix(SCALE_SUFFIX)} to scale"
+        for key in files.weight_map
+        if key.endswith(SCALE_SUFFIX)
+        and not (
+            key.removesuffix(SCALE_SUFFIX) in files.weight_map
+            and files.dtype(key.removesuffix(SCALE_SUFFIX)) == "F8_E4M3"
+        )
+    ]
+
+
+def _raise_problems(path: Path, problems: list[str]) -> None:
+    if not problems:
+        return
+    listed = problems[:_MAX_LISTED]
+    more = len(problems) - len(listed)
+    tail = f"\n  ... and {more} more" if more else ""
+    raise ValueError(
+        f"checkpoint at {path} does not fit the model from its config.json:\n  "
+        + "\n  ".join(listed)
+        + tail
+    )
+
+
+def _dtype_from_config(config: ModelConfig) -> torch.dtype:
+    """config.json's torch_dtype (the release) or dtype (transformers 5), else float32."""
+    name = config.extra.get("torch_dtype") or config.extra.get("dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config.torch_dtype must name a torch floating dtype, got {name!r}")
+    return dtype
+
+
+def _empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> DeepSeekV3:
+    """The model with uninitialised storage: built on the meta device, so nothing is computed.
+
+    The router's bias stays fp32, as the release stores it: the balancing rule nudges it by a
+    small γ per step, which bf16 would round away.
+    """
+    with torch.device("meta"):
+        model = DeepSeekV3(config).to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty gives each module a new Parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _rebuild_non_persistent(model, config, device)
+    return model
+
+
+def _rebuild_non_persistent(model: nn.Module, config: ModelConfig, device: torch.device) -> None:
+    """Recompute what the checkpoint does not hold (RoPE's inv_freq): to_empty left it garbage."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RotaryEmbedding):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, RotaryEmbedding(config).to(device))
+        elif module._non_persistent_buffers_set:
+            raise RuntimeError(
+                f"{name or type(module).__name__} has non-persistent buffers "
+                f"{sorted(module._non_persistent_buffers_set)} that checkpoint.py cannot rebuild"
+            )
+
+
+def _targets(model: DeepSeekV3) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint must provide: parameters and persistent buffers, each once."""
+    targets = model.state_dict(keep_vars=True)
+    if model.config.tie_word_embeddings:
+        del targets["lm_head.weight"]  # the embedding itself
+    return targets
+
+
+def _check_copy(key: str, stored: torch.Tensor, main_name: str, main: torch.Tensor) -> None:
+    """The release's duplicated embedding/head must equal the main one: we keep only one."""
+    stored = stored.to(device=main.device, dtype=main.dtype).float()
+    if not torch.allclose(stored, main.float(), rtol=1e-5, atol=1e-6):
+        diff = (stored - main.float()).abs().max().item()
+        raise ValueError(
+            f"{key} differs from {main_name} (max abs difference {diff:.3g}); this model shares "
+            "one embedding and one output matrix between the main model and its MTP modules, "
+            "so it cannot represent separate copies"
+        )
+
+
+def load_pretrained(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> DeepSeekV3:
+    """Load a checkpoint in the release's format (or transformers', or ours) into DeepSeekV3.
+
+    ``dtype`` defaults to config.json's ``torch_dtype``/``dtype`` (bfloat16 for the release),
+    else float32; FP8 weights are dequantized to it. Raises FileNotFoundError without
+    config.json, ValueError (naming each key and the expected and found shapes) when the files
+    do not fit the config, and ValueError when an MTP copy of the embedding or head differs.
+    """
+    path = Path(path)
+    config = ModelConfig.load(path)
+    qc = config.extra.get("quantization_config")
+    if qc is not None:
+        _validate_quantization_config(qc)
+    dtype = dtype or _dtype_from_config(config)
+    config = config.replace(extra={k: v for k, v in config.extra.items() if k not in _STORAGE_KEYS})
+    device = torch.device(device)
+    model = _empty_model(config, device, dtype)
+    targets = _targets(model)
+    with ExitStack() as stack, torch.no_grad():
+        files = _Files(path, stack)
+        plan = _plan(config, targets, files, fp8=qc is not None)
+        _raise_problems(path, plan.problems)
+        for key, name in plan.loads:
+            targets[name].copy_(files.read(key))
+        for key, name in plan.copies:
+            _check_copy(key, files.read(key), name, targets[name])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------- writing
+@dataclass
+class _Entry:
+    """One tensor to write under ``key``; ``fp8`` adds its weight_scale_inv beside it, ``clone``
+    marks a duplicate of another entry (safetensors refuses two keys sharing one storage)."""
+
+    key: str
+    tensor: torch.Tensor
+    fp8: bool = False
+    clone: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        if self.fp8:
+            return self.tensor.numel() + 4 * math.prod(scale_shape(self.tensor.shape))
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        """The tensors to write: on the CPU, contiguous, quantized if asked."""
+        t = self.tensor.detach()
+        if self.fp8:
+            q, scale = quantize_weight(t)
+            return {self.key: q.cpu(), self.key + SCALE_SUFFIX: scale.cpu()}
+        return {self.key: t.to("cpu", copy=self.clone).contiguous()}
+
+
+def _entries(model: DeepSeekV3, fp8: bool) -> list[_Entry]:
+    """Every tensor of the checkpoint in the release's names, the MTP copies included."""
+    config = model.config
+    quantized = fp8_weight_names(model) if fp8 else set()
+    entries = [
+        _Entry(disk_key(config, name), tensor, name in quantized)
+        for name, tensor in _targets(model).items()
+    ]
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    for k in range(config.num_nextn_predict_layers):
+        layer = f"model.layers.{config.num_hidden_layers + k}"
+        entries.append(_Entry(f"{layer}.embed_tokens.weight", embed, clone=True))
+        entries.append(_Entry(f"{layer}.shared_head.head.weight", head, clone=True))
+    return entries
+
+
+def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Greedy packing in order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '5GB' (10^9) or '512MiB' (2^20), as transformers."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, flags=re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB'/'512MiB', got {size!r}")
+    unit = m[2].upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m[1]) * base ** ("KMG".index(unit[0]) + 1))
+
+
+def _config_json(model: DeepSeekV3, fp8: bool) -> dict:
+    """config.json: ModelConfig.to_dict() plus how the weights are stored (dtype, FP8 blocks)."""
+    d = model.config.to_dict()
+    for key in _STORAGE_KEYS:
+        d.pop(key, None)
+    d["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if fp8:
+        d["quantization_config"] = _fp8_config()
+    return d
+
+
+def save_pretrained(
+    model: DeepSeekV3,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    fp8: bool = False,
+) -> None:
+    """Write ``model`` in the release's format, atomically, replacing any checkpoint at ``path``.
+
+    Tensors keep their dtype; with ``fp8=True`` the decoder's Linear weights are stored as the
+    release stores them (E4M3 + a float32 scale per 128×128 block). More than ``max_shard_size``
+    bytes in all (an int, or a string like '5GB') → numbered shards and an index. Other files in
+    an existing checkpoint directory (a tokenizer, say) are kept.
+    """
+    path = Path(path)
+    shards = _shards(_entries(model, fp8), parse_size(max_shard_size))
+    with _atomic_dir(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(_config_json(model, fp8), indent=2) + "\n")
+        _write_shards(tmp, shards)
+
+
+def _write_shards(folder: Path, shards: list[list[_Entry]]) -> None:
+    """One safetensors file per shard, materialized one shard at a time; an index if several."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        name = (
+            SINGLE_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        )
+        tensors = {k: v for entry in shard for k, v in entry.materialize().items()}
+        safetensors.torch.save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _is_ours(name: str) -> bool:
+    """The files save_pretrained writes (and so replaces)."""
+    return name in (CONFIG_NAME, SINGLE_NAME, INDEX_NAME) or bool(_SHARD_NAME.fullmatch(name))
+
+
+@contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to fill; on success it replaces ``path``.
+
+    Rename is atomic within a filesystem, so ``path`` holds either the old directory or the
+    complete new one; everything is fsynced first, so a crash after the rename cannot expose
+    empty files either. An existing target is renamed aside and deleted after: a crash between
+    the two renames leaves the old checkpoint under ``.name.tmp-*.old``, never a half-written
+    one at ``path``. On any error the temporary directory is removed.
+    """
+    if path.exists() and not (path.is_dir() and _replaceable(path)):
+        raise FileExistsError(f"{path} exists and is not a checkpoint directory; not replacing it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        yield tmp
+        if path.exists():
+            _carry_over(path, tmp)
+        _fsync_tree(tmp)
+        _replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replaceable(path: Path) -> bool:
+    """An empty directory or a checkpoint: never replace a folder that merely has that name."""
+    return (path / CONFIG_NAME).exists() or not any(path.iterdir())
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy the files we do not write (tokenizer, generation config, ...) into the new dir."""
+    for entry in old.iterdir():
+        if _is_ours(entry.name):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name)
+        else:
+            shutil.copy2(entry, new / entry.name)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` (root included) to disk."""
+    for p in [*root.rglob("*"), root]:
+        _fsync(p)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (renames, new names), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``, moving an existing ``path`` aside and deleting it after."""
+    aside = tmp.with_name(tmp.name + ".old")
+    if path.exists():
+        os.rename(path, aside)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if aside.exists():
+            os.rename(aside, path)
+        raise
+    _fsync(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
