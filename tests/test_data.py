@@ -19,7 +19,7 @@ def test_default_corpus_is_embedded_and_deterministic(corpus):
 def test_tokenizer_round_trips_any_text(corpus, tmp_path):
     tok = train_tokenizer(corpus, 512)
     assert tok.get_vocab_size() == 512
-    text = 'def f(x):\n    return x ** 2  # ünïcödé ✓ 🚀'
+    text = "def f(x):\n    return x ** 2  # ünïcödé ✓ 🚀"
     assert tok.decode(tok.encode(text).ids) == text
     tok.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(tmp_path, 512).encode(text).ids == tok.encode(text).ids
