@@ -1,0 +1,70 @@
+"""Command line: ``python -m dsv3lite {demo,bench} ...`` (also installed as ``dsv3lite``).
+
+Thin on purpose: it parses arguments and hands over to the module that does the work, imported
+only when its subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .demo import run
+
+    run()
+    return 0
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench import resolve_device, run
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    run(args.suite, device=device, out=args.out, quick=args.quick)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .bench import SUITES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dsv3lite",
+        description="dsv3lite: a working, readable reproduction of DeepSeek-V3's infrastructure.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    demo = commands.add_parser(
+        "demo", help="a tour in plain text: accounting, MLA caches, a tiny model"
+    )
+    demo.set_defaults(func=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="time ours and the baselines, print one table, write JSON"
+    )
+    bench.add_argument("suite", choices=sorted(SUITES), help="what to time")
+    bench.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present"
+    )
+    bench.add_argument(
+        "--out", default=None, help="JSON path (default: bench_results/<suite>-<device>.json)"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="small shapes and few repetitions (smoke test)"
+    )
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dsv3lite`` and of the ``dsv3lite`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

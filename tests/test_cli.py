@@ -1,0 +1,98 @@
+"""The command line: ``python -m dsv3lite demo`` and ``bench model`` run and report true figures."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3lite.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv3lite", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text, flags=re.MULTILINE)
+    assert match, f"demo output lacks {pattern!r}"
+    return float(match.group(1).replace(",", ""))
+
+
+def test_demo_prints_the_key_figures() -> None:
+    out = _run("demo")
+    total = _number(r"total \(MTP excluded\): ([\d,]+)", out)
+    assert abs(total - 671e9) <= 0.01 * 671e9
+    activated = _number(r"activated per token: ([\d,]+)", out)
+    assert abs(activated - 36.7e9) <= 0.01 * 36.7e9
+    assert abs(activated - 37e9) <= 0.02 * 37e9
+    mha = _number(r"^MHA-equivalent .*?([\d,]+)\s+[\d.]+$", out)
+    gqa = _number(r"^GQA-8 .*?([\d,]+)\s+[\d.]+$", out)
+    mla = _number(r"^MLA .*?([\d,]+)\s+[\d.]+$", out)
+    assert (mha, gqa, mla) == (128 * 320 * 2, 8 * 320 * 2, 576 * 2)
+    mla_gib = _number(r"^MLA .*?[\d,]+\s+([\d.]+)$", out)
+    assert mla_gib == pytest.approx(1152 * 61 * 131072 / 2**30, abs=0.05)
+    assert _number(r"max abs diff ([\d.e+-]+)", out) < 1e-4
+    new = re.findall(r"-> new \[([\d, ]+)\]", out)
+    assert len(new) == 2 and all(len(row.split(",")) == 8 for row in new)
+    assert "the naive path decodes the same tokens: yes" in out
+
+
+def test_bench_model_quick_writes_json(tmp_path: Path) -> None:
+    path = tmp_path / "model.json"
+    out = _run("bench", "model", "--quick", "--device", "cpu", "--out", str(path))
+    record = json.loads(path.read_text())
+    assert record["suite"] == "model" and record["quick"] is True
+    env = record["env"]
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__
+    assert {"device", "triton", "python", "date"} <= env.keys()
+    names = {row["name"] for row in record["rows"]}
+    expected = {
+        "forward ours naive",
+        "forward ours absorb",
+        "decode naive @256",
+        "decode absorb @256",
+    }
+    assert expected <= names
+    for row in record["rows"]:
+        if row["name"] in expected:
+            assert row["median_ms"] > 0 and row["tokens_per_s"] > 0
+            assert row["name"] in out
+    ratios = {r["name"]: r for r in record["ratios"]}
+    assert {"forward: absorb vs naive", "decode @256: absorb vs naive"} <= ratios.keys()
+    rows = {row["name"]: row for row in record["rows"]}
+    speedup = ratios["decode @256: absorb vs naive"]
+    assert speedup["value"] == pytest.approx(
+        rows["decode naive @256"]["median_ms"] / rows["decode absorb @256"]["median_ms"]
+    )
+    # The latent cache is the smaller one: 48 vs 320 values per token per layer for tiny.
+    assert (
+        rows["decode absorb @256"]["cache_bytes"] * 320
+        == rows["decode naive @256"]["cache_bytes"] * 48
+    )
+
+
+def test_bad_arguments_exit_with_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "no-such-suite"])
+    assert err.value.code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as err:
+            main(["bench", "model", "--device", "cuda"])
+        assert err.value.code == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
