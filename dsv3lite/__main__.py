@@ -1,4 +1,4 @@
-"""Command line: ``python -m dsv3lite {demo,bench} ...`` (also installed as ``dsv3lite``).
+"""Command line: ``python -m dsv3lite {demo,train,bench} ...`` (also installed as ``dsv3lite``).
 
 Thin on purpose: it parses arguments and hands over to the module that does the work, imported
 only when its subcommand runs.
@@ -28,6 +28,12 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train.cli import run
+
+    return run(args, parser)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .bench import SUITES
 
@@ -41,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="a tour in plain text: accounting, MLA caches, a tiny model"
     )
     demo.set_defaults(func=_demo)
+
+    from .train.cli import add_arguments
+
+    train = commands.add_parser(
+        "train", help="train a model on the embedded corpus (or --data), with checkpoints"
+    )
+    add_arguments(train)
+    train.set_defaults(func=_train)
 
     bench = commands.add_parser(
         "bench", help="time ours and the baselines, print one table, write JSON"

@@ -1,0 +1,54 @@
+"""``python -m dsv3lite train``: flags for every TrainConfig field, a summary at the end."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .balance import BALANCE_MODES
+from .trainer import TrainConfig, train
+
+_HELP = {
+    "preset": "model preset: tiny, small (v3-671b is for accounting only)",
+    "steps": "optimizer steps in total (a resumed run continues up to this count)",
+    "out": "run folder: metrics.jsonl, last/ (resumable), final/, plots/",
+    "data": "a text file or a folder of them (default: CPython's embedded docs)",
+    "device": "cpu or cuda",
+    "balance": "aux-free (bias update, §2.1.2), aux-loss (eqs. 17-20) or none",
+    "gamma": "bias update speed γ of aux-free balancing",
+    "alpha": "weight α of the sequence-wise balance loss",
+    "mtp_lambda": "weight λ of the MTP loss (eq. 25)",
+}
+_SKIP = {"progress", "model_overrides"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, with its default and type."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kwargs = {"default": f.default, "help": _HELP.get(f.name, f"default: {f.default}")}
+        if f.name == "balance":
+            kwargs["choices"] = BALANCE_MODES
+        parser.add_argument(flag, type=kind, **kwargs)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - _SKIP
+    cfg = TrainConfig(**{n: getattr(args, n) for n in names}, progress=not args.no_progress)
+    try:
+        result = train(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.error(str(err))
+    print(
+        f"validation loss {result.val_loss:.3f} nats/token after {result.step} steps "
+        f"(unigram entropy of the corpus: {result.unigram_entropy:.3f})"
+    )
+    print(f"metrics: {result.metrics}")
+    print(f"plots:   {', '.join(str(p) for p in result.plots)}")
+    print(f"model:   {result.final}")
+    return 0
