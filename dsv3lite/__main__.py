@@ -13,7 +13,7 @@ import sys
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .demo import run
 
-    run()
+    run(steps=args.steps, out=args.out)
     return 0
 
 
@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="a tour in plain text: accounting, MLA caches, a tiny model"
     )
+    demo.add_argument(
+        "--steps", type=int, default=400, help="training steps of section 5 (0: tour only)"
+    )
+    demo.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>)")
     demo.set_defaults(func=_demo)
 
     from .train.cli import add_arguments

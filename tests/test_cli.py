@@ -35,7 +35,7 @@ def _number(pattern: str, text: str) -> float:
 
 
 def test_demo_prints_the_key_figures() -> None:
-    out = _run("demo")
+    out = _run("demo", "--steps", "0")
     total = _number(r"total \(MTP excluded\): ([\d,]+)", out)
     assert abs(total - 671e9) <= 0.01 * 671e9
     activated = _number(r"activated per token: ([\d,]+)", out)
@@ -96,3 +96,13 @@ def test_bad_arguments_exit_with_usage_error(capsys: pytest.CaptureFixture[str])
             main(["bench", "model", "--device", "cuda"])
         assert err.value.code == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_demo_trains_saves_and_samples(tmp_path: Path) -> None:
+    out = _run("demo", "--steps", "3", "--out", str(tmp_path / "run"))
+    val = _number(r"validation loss ([\d.]+) nats/token", out)
+    entropy = _number(r"unigram entropy ([\d.]+)", out)
+    assert 0 < val and 0 < entropy < 8
+    assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    assert (tmp_path / "run" / "plots" / "loss.png").exists()
+    assert "greedy sample:" in out

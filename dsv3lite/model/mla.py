@@ -97,9 +97,16 @@ class MLA(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        scores = torch.einsum("bshd,bthd->bsht", q, k) * self.softmax_scale
-        probs = _softmax(scores, mask).to(v.dtype)
-        return torch.einsum("bsht,bthd->bshd", probs, v)
+        # Ordinary attention over the expanded heads: torch's fused kernel (fp32 softmax inside)
+        # instead of materialising the [B, H, T, S] scores; same result as _softmax below.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.to(q.dtype),
+            scale=self.softmax_scale,
+        )
+        return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask, cache):
         if cache is not None:
