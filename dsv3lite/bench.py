@@ -48,7 +48,10 @@ from .config import ModelConfig, preset
 from .model import DeepSeekV3, KVCache
 
 # suite name -> "module:function"; imported only when that suite runs.
-SUITES: dict[str, str] = {"model": "dsv3lite.bench:bench_model"}
+SUITES: dict[str, str] = {
+    "model": "dsv3lite.bench:bench_model",
+    "train": "dsv3lite.train.bench:bench_train",
+}
 
 
 @dataclass
