@@ -114,11 +114,42 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W^UK folded into the query
-        scores = torch.einsum("bshc,btc->bsht", q_latent, kv)
-        scores = (scores + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
-        probs = _softmax(scores, mask).to(kv.dtype)
-        out_latent = torch.einsum("bsht,btc->bshc", probs, kv)
+        if _decode_kernel_applies(q_latent, kv, cache):
+            out_latent = _decode_kernel(q_latent, q_pe, kv, k_pe, self.softmax_scale)
+        else:
+            scores = torch.einsum("bshc,btc->bsht", q_latent, kv)
+            scores = (scores + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            probs = _softmax(scores, mask).to(kv.dtype)
+            out_latent = torch.einsum("bsht,btc->bshc", probs, kv)
         return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # W^UV folded into the output
+
+
+def _decode_kernel_applies(q_latent: torch.Tensor, kv: torch.Tensor, cache: KVCache | None) -> bool:
+    """One new token per sequence over a bf16/fp16 cache on a GPU, without autograd: the case
+    the Triton decode kernel (kernels/mla_decode.py) is written for."""
+    return (
+        cache is not None
+        and kv.is_cuda
+        and q_latent.shape[1] == 1
+        and kv.dtype in (torch.bfloat16, torch.float16)
+        and q_latent.dtype == kv.dtype
+        and not torch.is_grad_enabled()
+    )
+
+
+def _decode_kernel(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Σ_j softmax_j(s) c^KV_j with the Triton kernel; every row has the whole cache filled."""
+    from ..kernels.mla_decode import mla_decode
+
+    b, length = kv.shape[:2]
+    lengths = torch.full((b,), length, dtype=torch.int32, device=kv.device)
+    return mla_decode(q_latent, q_pe, kv, k_pe, lengths, softmax_scale, max_seqlen=length)
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -118,6 +118,10 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Σ_i g_{i,t} FFN_i(x_t): sort the (token, expert) pairs by expert, run each expert once
         on its contiguous slice (offsets from the per-expert counts), scatter-add back."""
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+            from ..kernels.grouped_gemm import moe_forward
+
+            return moe_forward(x, routing.indices, routing.weights, *self._stacked_experts())
         k = routing.indices.shape[1]
         flat = routing.indices.flatten()
         order = flat.argsort(stable=True)
@@ -136,3 +140,24 @@ class MoE(nn.Module):
         w = routing.weights.flatten()[order, None].to(acc)
         y = torch.zeros_like(x, dtype=acc).index_add_(0, token, out.to(acc) * w)
         return y.to(x.dtype)
+
+    def _stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert weights stacked for the grouped GEMM: [E, 2I, hidden] (gate rows, then up
+        rows) and [E, hidden, I]. Built once and rebuilt only when a weight changes (its
+        version counter moves: optimizer steps, load_state_dict); costs one more copy of the
+        experts' weights in memory."""
+        params = [
+            p
+            for e in self.experts
+            for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)
+        ]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_stacked_key", None) != key:
+            self._stacked = (
+                torch.stack(
+                    [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]
+                ),
+                torch.stack([e.down_proj.weight for e in self.experts]),
+            )
+            self._stacked_key = key
+        return self._stacked
