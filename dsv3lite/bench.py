@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -48,9 +49,13 @@ from .config import ModelConfig, preset
 from .model import DeepSeekV3, KVCache
 
 # suite name -> "module:function"; imported only when that suite runs.
+# Two kinds: ``(device, quick) -> Suite`` (printed and saved here), and ``(quick) -> dict``
+# for suites that print their own table and pick their own device (the kernel suites).
 SUITES: dict[str, str] = {
     "model": "dsv3lite.bench:bench_model",
     "train": "dsv3lite.train.bench:bench_train",
+    "mla": "dsv3lite.inference_bench:run_mla",
+    "moe": "dsv3lite.inference_bench:run_moe",
 }
 
 
@@ -348,17 +353,21 @@ def run(
         raise ValueError(f"unknown bench suite {suite!r}; allowed: {sorted(SUITES)}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     module, func = SUITES[suite].split(":")
-    result: Suite = getattr(importlib.import_module(module), func)(dev, quick)
-    env = environment(dev)
-    print(format_table(suite, env, result))
+    fn = getattr(importlib.import_module(module), func)
+    if "device" in inspect.signature(fn).parameters:
+        result: Suite = fn(dev, quick)
+        env = environment(dev)
+        print(format_table(suite, env, result))
+        record = {
+            "suite": suite,
+            "quick": quick,
+            "env": env,
+            "rows": [dataclasses.asdict(r) for r in result.rows],
+            "ratios": [dataclasses.asdict(r) for r in result.ratios],
+        }
+    else:
+        record = {"suite": suite, "quick": quick, **fn(quick=quick)}
     path = Path(out) if out is not None else default_out(suite, dev)
-    record = {
-        "suite": suite,
-        "quick": quick,
-        "env": env,
-        "rows": [dataclasses.asdict(r) for r in result.rows],
-        "ratios": [dataclasses.asdict(r) for r in result.ratios],
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {path}")
