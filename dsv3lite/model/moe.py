@@ -151,7 +151,7 @@ class MoE(nn.Module):
             for e in self.experts
             for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)
         ]
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = tuple((p.data_ptr(), _version(p)) for p in params)
         if getattr(self, "_stacked_key", None) != key:
             self._stacked = (
                 torch.stack(
@@ -161,3 +161,8 @@ class MoE(nn.Module):
             )
             self._stacked_key = key
         return self._stacked
+
+
+def _version(p: torch.Tensor) -> int:
+    """A tensor's in-place-update counter; inference tensors have none (and no optimizer)."""
+    return -1 if p.is_inference() else p._version
