@@ -54,6 +54,7 @@ from .model import DeepSeekV3, KVCache
 SUITES: dict[str, str] = {
     "model": "dsv3lite.bench:bench_model",
     "train": "dsv3lite.train.bench:bench_train",
+    "fp8": "dsv3lite.fp8.bench:run",
     "mla": "dsv3lite.inference_bench:run_mla",
     "moe": "dsv3lite.inference_bench:run_moe",
 }

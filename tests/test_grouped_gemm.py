@@ -120,9 +120,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def routed_moe_error(device: str) -> float:
     """moe_forward against the package's MoE.routed (bf16, tiny config): the model patch."""
-    from dsv3lite.kernels.grouped_gemm import moe_forward
-
     from dsv3lite.config import preset
+    from dsv3lite.kernels.grouped_gemm import moe_forward
     from dsv3lite.model.moe import MoE
 
     torch.manual_seed(0)
