@@ -110,6 +110,10 @@ def test_bench_quick_on_cpu(capsys):
 
 # ----------------------------------------------------------------------------- Triton == torch
 SHAPES = [(130, 130, 256), (1, 7, 128)]  # ragged M and N, 2×3 tiles, 2 K steps; one row
+# Inside one 128-wide step the H200's FP8 tensor cores add products with a narrower accumulator
+# than fp32 (report §3.3.2: "around 14 bits"); measured on an H200: 1.3e-4 relative, every
+# shape. The promotion every 128 keeps it from growing with K. The interpreter is exact.
+TOLERANCE = {"cpu": 1e-5, "cuda": 5e-4}
 
 
 def check_kernel_matches(m, n, k, rows, device):
@@ -117,7 +121,7 @@ def check_kernel_matches(m, n, k, rows, device):
     ref = fg.fp8_gemm_ref(xq, xs, wq, ws, torch.float32)
     out = torch.full((m, n), float("nan"), device=device)
     assert fg.fp8_gemm_triton(xq, xs, wq, ws, torch.float32, out=out) is out
-    assert rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= TOLERANCE[device]
     # bf16 output: the GPU rounds to nearest, the interpreter truncates: a bf16 step apart
     bf16 = fg.fp8_gemm_triton(xq, xs.t().contiguous().t(), wq, ws, torch.bfloat16)
     assert rel(bf16, ref) <= 1e-2

@@ -205,7 +205,9 @@ def check_triton_path(device: str) -> None:
     y, dx, dw = run_layer(layer, x, dy)
     layer.weight.grad = None
     y_e, dx_e, dw_e = emulate(x.cpu(), layer.weight.detach().cpu(), dy.cpu())
-    assert rel(y.cpu(), y_e) <= 1e-5 and rel(dx.cpu(), dx_e) <= 1e-5 and rel(dw.cpu(), dw_e) <= 1e-5
+    # GPU: the tensor cores' narrower in-block accumulator (see tests/test_fp8_gemm.py)
+    tol = 1e-5 if device == "cpu" else 5e-4
+    assert rel(y.cpu(), y_e) <= tol and rel(dx.cpu(), dx_e) <= tol and rel(dw.cpu(), dw_e) <= tol
 
 
 @interpreted
