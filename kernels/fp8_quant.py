@@ -214,11 +214,18 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _encode_tl(x, s):
-    """E4M3 codes (as uint8) of x / s: saturated, rounded, NaN kept (see the module text)."""
+def _encode_tl(x, s, INTERPRET: tl.constexpr):
+    """E4M3 codes (as uint8) of x / s: saturated, rounded, NaN kept (see the module text).
+
+    On a GPU the cast itself rounds to nearest-even (cvt.rn.satfinite); the bit-level rounding
+    is needed only by the interpreter, and costs half the bandwidth on an H200 (measured:
+    1,710 vs 3,330 GB/s for act_quant on 16384×7168 bf16), so it is compiled in only there.
+    """
     y = tl.div_rn(x, s)
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)  # ±Inf → ±448; NaN is handled last
-    code = _round_to_e4m3(y).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    if INTERPRET:
+        y = _round_to_e4m3(y)
+    code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     return tl.where(x != x, 0x7F, code).to(tl.uint8)  # 0x7F: E4M3's NaN, S.1111.111
 
 
@@ -238,6 +245,7 @@ def _act_quant_kernel(
     BLOCK_M: tl.constexpr,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
@@ -246,7 +254,7 @@ def _act_quant_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     s = _scale_tl(_finite_amax_tl(x, 1), UE8M0)
-    code = _encode_tl(x, s[:, None])
+    code = _encode_tl(x, s[:, None], INTERPRET)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], code, mask=mask)
     tl.store(s_ptr + rows * stride_sm + group, s, mask=rows < M)
 
@@ -269,6 +277,7 @@ def _act_quant_t_kernel(
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     group = tl.program_id(0)
     tokens = group * GROUP + tl.arange(0, GROUP)
@@ -277,7 +286,7 @@ def _act_quant_t_kernel(
     x = tl.load(x_ptr + tokens[:, None] * stride_xm + chans[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     s = _scale_tl(_finite_amax_tl(x, 0), UE8M0)
-    code_t = tl.trans(_encode_tl(x, s[None, :]))  # [BLOCK_K, GROUP]
+    code_t = tl.trans(_encode_tl(x, s[None, :], INTERPRET))  # [BLOCK_K, GROUP]
     tl.store(q_ptr + chans[:, None] * stride_qk + tokens[None, :], code_t, mask=chans[:, None] < K)
     tl.store(s_ptr + chans * stride_sk + group, s, mask=chans < K)
 
@@ -295,6 +304,7 @@ def _weight_quant_kernel(
     stride_sn,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * GROUP + tl.arange(0, GROUP)
@@ -303,7 +313,7 @@ def _weight_quant_kernel(
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
     w = w.to(tl.float32)
     s = _scale_tl(_finite_amax_tl(w, None), UE8M0)
-    code = _encode_tl(w, s)
+    code = _encode_tl(w, s, INTERPRET)
     tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], code, mask=mask)
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
@@ -349,7 +359,7 @@ def act_quant_triton(
     _check_out(s, torch.float32, (*x.shape[:-1], groups), "s")
     if m == 0:
         return q, s
-    block_m = 32
+    block_m = 16  # measured on an H200: 16 rows × 128 channels per program, 4 warps, is best
     grid = (triton.cdiv(m, block_m), groups)
     _act_quant_kernel[grid](
         x2,
@@ -363,6 +373,7 @@ def act_quant_triton(
         BLOCK_M=block_m,
         GROUP=block_size,
         UE8M0=scale_fmt == "ue8m0",
+        INTERPRET=INTERPRETED,
         num_warps=4,
     )
     return q, s
@@ -410,6 +421,7 @@ def act_quant_t_triton(
         BLOCK_K=block_k,
         GROUP=block_size,
         UE8M0=scale_fmt == "ue8m0",
+        INTERPRET=INTERPRETED,
         num_warps=4,
     )
     return q, s
@@ -451,6 +463,7 @@ def weight_quant_triton(
         kb,
         GROUP=block_size,
         UE8M0=scale_fmt == "ue8m0",
+        INTERPRET=INTERPRETED,
         num_warps=8,
     )
     return q, s
