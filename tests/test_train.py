@@ -1,6 +1,7 @@
 """Training end to end: metrics, checkpoints transformers can read, a real kill and --resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -122,3 +123,14 @@ def test_bench_train_reports_mfu(tmp_path):
     record = json.loads(run("train", device="cpu", out=tmp_path / "t.json", quick=True).read_text())
     step = next(r for r in record["rows"] if r["name"] == "train step")
     assert step["tokens_per_s"] > 0 and "MFU" in step["note"]
+
+
+def test_fp8_recipe_trains_and_saves_plain_weights(tmp_path):
+    from dsv3lite.fp8 import FP8Linear
+
+    seen = []
+    cfg = TrainConfig(steps=4, out=str(tmp_path / "fp8"), fp8=True, ckpt_every=4, **FAST)
+    r = train(cfg, on_log=lambda row: seen.append(row["loss"]))
+    assert len(seen) == 2 and all(math.isfinite(x) for x in seen)
+    model = dsv3lite.load_pretrained(r.final)  # master weights: a plain checkpoint
+    assert not any(isinstance(m, FP8Linear) for m in model.modules())

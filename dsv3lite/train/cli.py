@@ -18,6 +18,7 @@ _HELP = {
     "gamma": "bias update speed γ of aux-free balancing",
     "alpha": "weight α of the sequence-wise balance loss",
     "mtp_lambda": "weight λ of the MTP loss (eq. 25)",
+    "fp8": "train the attention projections and expert Linears in FP8 (§3.3.1)",
 }
 _SKIP = {"progress", "model_overrides"}
 
@@ -28,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float}.get(str(f.type), str)
         kwargs = {"default": f.default, "help": _HELP.get(f.name, f"default: {f.default}")}
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action="store_true", help=kwargs["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
         if f.name == "balance":
             kwargs["choices"] = BALANCE_MODES
         parser.add_argument(flag, type=kind, **kwargs)

@@ -53,6 +53,7 @@ class TrainConfig:
     gamma: float = 1e-3  # bias update speed (the report: 0.001 for most of pre-training)
     alpha: float = 1e-4  # sequence-wise balance loss weight (the report: 0.0001)
     mtp_lambda: float = 0.3  # λ of eq. (25) (the report: 0.3, then 0.1)
+    fp8: bool = False  # §3.3.1's recipe: attention projections and expert Linears in FP8
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -117,6 +118,10 @@ def train(
         model = DeepSeekV3(model_config).to(device)
         tok = train_tokenizer(text, model_config.vocab_size)
         state = None
+    if cfg.fp8:  # parameters are shared, so checkpoints and the optimizer are unchanged
+        from ..fp8 import to_fp8
+
+        to_fp8(model)
     data = TokenData.from_text(text, tok)
     entropy = data.unigram_entropy()
     opt = _optimizer(model, cfg)
