@@ -55,6 +55,7 @@ SUITES: dict[str, str] = {
     "model": "dsv3lite.bench:bench_model",
     "train": "dsv3lite.train.bench:bench_train",
     "fp8": "dsv3lite.fp8.bench:run",
+    "comm": "dsv3lite.parallel.bench:run",
     "mla": "dsv3lite.inference_bench:run_mla",
     "moe": "dsv3lite.inference_bench:run_moe",
 }
