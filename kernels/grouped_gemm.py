@@ -446,7 +446,9 @@ def moe_permute(indices: torch.Tensor, n_experts: int) -> Permutation:
         raise ValueError(f"indices must be [T, K_r], got {tuple(indices.shape)}")
     flat = indices.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    # index_add, not bincount: bincount reads the largest id back to the host, a sync
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
     offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=flat.device)
     offsets[1:] = counts.cumsum(0)
     pos = torch.empty_like(order)

@@ -74,7 +74,10 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * c.routed_scaling_factor
-        load = torch.bincount(indices.flatten(), minlength=c.n_routed_experts)
+        # a scatter, not bincount: bincount reads the max back to the host (a sync per layer)
+        flat = indices.flatten()
+        load = torch.zeros(c.n_routed_experts, dtype=torch.long, device=flat.device)
+        load.index_add_(0, flat, torch.ones_like(flat))
         return Routing(weights=weights, indices=indices, scores=scores, load=load)
 
     def _limit_groups(self, biased: torch.Tensor) -> torch.Tensor:

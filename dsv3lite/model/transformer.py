@@ -91,7 +91,7 @@ class DeepSeekV3(nn.Module):
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host read for both
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"token id {hi if hi >= self.config.vocab_size else lo} is outside the "
