@@ -1,9 +1,14 @@
-"""``python -m dsv3lite train``: flags for every TrainConfig field, a summary at the end."""
+"""``python -m dsv3lite train``: flags for every TrainConfig field, a summary at the end.
+
+On several processes: ``torchrun --nproc-per-node N -m dsv3lite train --ep N`` (or ``--pp N``);
+rank 0 alone prints the summary.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from .balance import BALANCE_MODES
 from .trainer import TrainConfig, train
@@ -13,7 +18,11 @@ _HELP = {
     "steps": "optimizer steps in total (a resumed run continues up to this count)",
     "out": "run folder: metrics.jsonl, last/ (resumable), final/, plots/",
     "data": "a text file or a folder of them (default: CPython's embedded docs)",
-    "device": "cpu or cuda",
+    "device": "cpu or cuda (under torchrun: gloo on CPU, or NCCL with one GPU per process)",
+    "batch_size": "sequences per step on each data-parallel rank (--ep N: N times as many)",
+    "ep": "expert-parallel ranks: start with torchrun --nproc-per-node EP",
+    "pp": "pipeline stages, one per rank (1F1B): start with torchrun --nproc-per-node PP",
+    "micro_batches": "with --pp: micro-batches per step, dividing --batch-size (0: up to 2*pp)",
     "balance": "aux-free (bias update, §2.1.2), aux-loss (eqs. 17-20) or none",
     "gamma": "bias update speed γ of aux-free balancing",
     "alpha": "weight α of the sequence-wise balance loss",
@@ -48,6 +57,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(
         f"validation loss {result.val_loss:.3f} nats/token after {result.step} steps "
         f"(unigram entropy of the corpus: {result.unigram_entropy:.3f})"

@@ -5,11 +5,15 @@
 One optimizer step per batch; after it, the aux-loss-free bias update from that step's routing.
 Everything a restart needs (weights, optimizer, step, random states) is written atomically to
 ``out/last`` every ``ckpt_every`` steps, so a killed run resumes where its last checkpoint left.
+
+The same loop trains on several processes under torchrun (``--ep N``: expert parallelism,
+``--pp N``: a 1F1B pipeline): what differs lives in ``distributed.py``, behind a ``Parallel``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,11 +33,13 @@ from ..config import atomic_write_text, preset
 from ..model import DeepSeekV3
 from .balance import BALANCE_MODES, max_violation, sequence_balance_loss, update_bias
 from .data import TokenData, load_tokenizer, read_corpus, train_tokenizer
+from .distributed import Parallel, setup_parallel
 from .plots import plot_run
 from .schedule import lr_at
 
 # Fields that may change between a run and its --resume; any other difference is refused.
 RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "device", "out", "progress"}
+EVAL_SEED = 1234  # the validation batches' generator (plus the data-parallel rank)
 
 
 @dataclass
@@ -42,7 +48,7 @@ class TrainConfig:
 
     preset: str = "tiny"
     steps: int = 600
-    batch_size: int = 16
+    batch_size: int = 16  # per data-parallel rank: with --ep N, N·batch_size sequences a step
     seq_len: int = 128
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -63,11 +69,15 @@ class TrainConfig:
     data: str | None = None
     out: str = "runs/tiny"
     progress: bool = True
+    ep: int = 1  # expert-parallel ranks (torchrun --nproc-per-node ep)
+    pp: int = 1  # pipeline stages, one per rank (torchrun --nproc-per-node pp)
+    micro_batches: int = 0  # --pp: the batch's split for the pipeline (0: up to 2·pp)
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Clear errors naming the field, before any work starts."""
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every"):
+        positive = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every")
+        for name in (*positive, "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.balance not in BALANCE_MODES:
@@ -78,6 +88,23 @@ class TrainConfig:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("TrainConfig.device is 'cuda' but torch sees no CUDA GPU; use 'cpu'")
+        self._validate_layout()
+
+    def _validate_layout(self) -> None:
+        if self.ep > 1 and self.pp > 1:
+            raise ValueError(
+                f"TrainConfig.ep={self.ep} and pp={self.pp}: expert and pipeline parallelism "
+                "together are not supported; use one of them"
+            )
+        if self.micro_batches < 0:
+            raise ValueError(f"TrainConfig.micro_batches must be >= 0, got {self.micro_batches}")
+        if self.micro_batches and self.pp == 1:
+            raise ValueError("TrainConfig.micro_batches splits the batch for --pp > 1; leave it 0")
+        if self.micro_batches and self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"TrainConfig.micro_batches ({self.micro_batches}) must divide batch_size "
+                f"({self.batch_size}): every micro-batch holds as many sequences"
+            )
 
 
 @dataclass
@@ -96,8 +123,12 @@ class RunResult:
 def train(
     cfg: TrainConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None
 ) -> RunResult:
-    """Train (or resume) a run; ``on_log`` receives every logged metrics row (live plots)."""
+    """Train (or resume) a run; ``on_log`` receives every logged metrics row (live plots).
+
+    With ``ep`` or ``pp`` > 1 every rank started by torchrun calls it; rank 0 alone logs,
+    plots and writes checkpoints, and every rank returns the result (the plots on rank 0)."""
     cfg.validate()
+    par = setup_parallel(cfg)
     out = Path(cfg.out)
     last = _existing_checkpoint(out)
     if resume and last is None:
@@ -105,102 +136,147 @@ def train(
     if not resume and last is not None:
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
 
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = par.device
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     text = read_corpus(cfg.data)
     if resume:
         state = torch.load(last / "trainer_state.pt", weights_only=False)
         _check_same_run(state["train_config"], cfg)
-        model = load_pretrained(last, device=cfg.device, dtype=torch.float32)
+        model = load_pretrained(last, device=device, dtype=torch.float32)
         tok = load_tokenizer(last, model.config.vocab_size)
     else:
         model_config = preset(cfg.preset, **cfg.model_overrides)
         model = DeepSeekV3(model_config).to(device)
         tok = train_tokenizer(text, model_config.vocab_size)
         state = None
+    par.check_same(tok.to_str(), "tokenizer")
+    trained = par.prepare(model)
     if cfg.fp8:  # parameters are shared, so checkpoints and the optimizer are unchanged
         from ..fp8 import to_fp8
 
         to_fp8(model)
     data = TokenData.from_text(text, tok)
     entropy = data.unigram_entropy()
-    opt = _optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = _optimizer(trained, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + par.dp_rank)
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        mine = state if par.rank == 0 else state["other_ranks"][par.rank - 1]
+        opt.load_state_dict(mine["optimizer"])
+        gen.set_state(mine["data_rng"])
+        torch.set_rng_state(mine["torch_rng"])
         step = state["step"]
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
-    out.mkdir(parents=True, exist_ok=True)
+    if par.is_main:
+        _truncate_metrics(metrics_path, step)
+        out.mkdir(parents=True, exist_ok=True)
 
     moe_layers = model.moe_layers()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    show = cfg.progress and par.is_main
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc="train", unit="step")
     window_tokens, window_start = 0, time.perf_counter()
     val_loss = math.nan
     while step < cfg.steps:
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
         x, y = (t.to(device) for t in data.batch("train", cfg.batch_size, cfg.seq_len, gen))
-        model.train()
-        with autocast:
-            losses = _losses(model, x, y, cfg)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loads = [moe.last_routing.load for moe in moe_layers]
-        if cfg.balance == "aux-free":
-            update_bias(moe_layers, loads, cfg.gamma)
+        logged, loads = _train_step(par, model, opt, x, y, cfg, lr, moe_layers)
         step += 1
-        window_tokens += x.numel()
+        window_tokens += x.numel() * par.dp_size
         bar.update(1)
 
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = evaluate(model, data, cfg, device)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluated:
+            seed = EVAL_SEED + par.dp_rank
+            val_loss = par.mean(evaluate(par.synced(model), data, cfg, device, seed))
+        if step % cfg.log_every == 0 or evaluated:  # every validation loss gets its row
             elapsed = time.perf_counter() - window_start
-            row = _row(step, lr, losses, loads, window_tokens / elapsed, entropy)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            values = par.reduce_logged(logged)
+            row = _row(step, lr, values, loads, window_tokens / elapsed, entropy)
+            if evaluated:
                 row["val_loss"] = val_loss
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.3f}", maxvio=f"{row['maxvio']:.2f}")
-            if on_log is not None:
-                on_log(row)
+            if par.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", maxvio=f"{row['maxvio']:.2f}")
+                if on_log is not None:
+                    on_log(row)
             window_tokens, window_start = 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            _save_checkpoint(out / "last", model, tok, opt, gen, step, cfg)
+            _save_checkpoint(out / "last", par, model, tok, opt, gen, step, cfg)
     bar.close()
     final = out / "final"
-    _save_model(final, model, tok)
-    plots = plot_run(metrics_path, out / "plots")
+    _save_model(final, par, model, tok)
+    plots = plot_run(metrics_path, out / "plots") if par.is_main else []
+    par.close()
     return RunResult(out, step, val_loss, entropy, metrics_path, plots, final)
 
 
-def _losses(model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
+def _train_step(
+    par: Parallel,
+    model: DeepSeekV3,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    lr: float,
+    moe_layers: list[torch.nn.Module],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """One optimizer step laid out by ``par`` (clipped on the global gradient norm), then the
+    aux-loss-free bias update from the step's loads; returns the loss fields to log and the
+    loads."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        logged = par.forward_backward(model, x, y, functools.partial(_losses, cfg=cfg))
+    par.clip_grad_norm_(cfg.grad_clip)
+    opt.step()
+    loads = par.loads(moe_layers)
+    if cfg.balance == "aux-free":
+        update_bias(moe_layers, loads, cfg.gamma)
+    return logged, loads
+
+
+def _losses(
+    model: DeepSeekV3,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    h: torch.Tensor | None = None,
+    balance_layers: list[torch.nn.Module] | None = None,
+) -> dict:
     """Main next-token loss, the MTP losses (eq. 24: depth k predicts y shifted by k), and the
-    sequence-wise balance loss over every MoE layer when balance == 'aux-loss'."""
-    logits, mtp_logits = model.forward_with_mtp(x)
+    sequence-wise balance loss over every MoE layer when balance == 'aux-loss'.
+
+    A pipeline's last stage passes ``h``, the final hidden states (normed) it computed, and as
+    ``balance_layers`` only the MoE layers it ran here (the MTP modules'; each stage adds its
+    own layers' term)."""
+    if h is None:
+        h = model.hidden_states(x)
+    logits = model.lm_head(h)
     vocab = logits.shape[-1]
     main = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
     total = main
     out = {"main": main}
-    if mtp_logits:
-        per_depth = [
-            F.cross_entropy(m.float().reshape(-1, vocab), y[:, k:].reshape(-1))
-            for k, m in enumerate(mtp_logits, start=1)
-        ]
+    per_depth = []
+    for k, module in enumerate(model.model.mtp, start=1):  # as DeepSeekV3.forward_with_mtp
+        t = x.shape[1] - k
+        if t <= 0:
+            break
+        h = model.mtp_step(module, h[:, :t], x[:, k:], start=0)
+        mtp_logits = model.lm_head(module.shared_head.norm(h))
+        per_depth.append(
+            F.cross_entropy(mtp_logits.float().reshape(-1, vocab), y[:, k:].reshape(-1))
+        )
+    if per_depth:
         out["mtp"] = per_depth
         total = total + cfg.mtp_lambda * sum(per_depth) / len(per_depth)  # eq. (25)
     if cfg.balance == "aux-loss":
+        layers = model.moe_layers() if balance_layers is None else balance_layers
         bal = sum(
-            sequence_balance_loss(moe.last_routing, x.shape[0], cfg.alpha)
-            for moe in model.moe_layers()
+            (sequence_balance_loss(moe.last_routing, x.shape[0], cfg.alpha) for moe in layers),
+            main.new_zeros(()),
         )
         out["balance"] = bal
         total = total + bal
@@ -209,10 +285,17 @@ def _losses(model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
 
 
 @torch.no_grad()
-def evaluate(model: DeepSeekV3, data: TokenData, cfg: TrainConfig, device: torch.device) -> float:
-    """Mean next-token loss on the same eval_batches validation batches every time."""
+def evaluate(
+    model: DeepSeekV3,
+    data: TokenData,
+    cfg: TrainConfig,
+    device: torch.device,
+    seed: int = EVAL_SEED,
+) -> float:
+    """Mean next-token loss on the same eval_batches validation batches every time (those of
+    generator ``seed``: each data-parallel rank evaluates its own)."""
     model.eval()
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(cfg.eval_batches):
         x, y = (t.to(device) for t in data.batch("val", cfg.batch_size, cfg.seq_len, gen))
@@ -222,12 +305,12 @@ def evaluate(model: DeepSeekV3, data: TokenData, cfg: TrainConfig, device: torch
     return total / cfg.eval_batches
 
 
-def _row(step, lr, losses, loads, tokens_per_s, entropy) -> dict:
+def _row(step, lr, values: dict[str, float], loads, tokens_per_s, entropy) -> dict:
     maxvio = [max_violation(load) for load in loads]
     share = [(load.float() / load.sum()).tolist() for load in loads]
     row = {
         "step": step,
-        "loss": losses["main"].item(),
+        "loss": values["loss"],
         "lr": lr,
         "tokens_per_s": tokens_per_s,
         "maxvio": sum(maxvio) / len(maxvio) if maxvio else 0.0,
@@ -235,17 +318,15 @@ def _row(step, lr, losses, loads, tokens_per_s, entropy) -> dict:
         "expert_load": share,
         "unigram_entropy": entropy,
     }
-    if "mtp" in losses:
-        row["mtp_loss"] = losses["mtp"][0].item()
-    if "balance" in losses:
-        row["balance_loss"] = losses["balance"].item()
+    row.update((k, v) for k, v in values.items() if k != "loss")  # mtp_loss, balance_loss
     return row
 
 
-def _optimizer(model: DeepSeekV3, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (β 0.9/0.95); weight decay on matrices only, never on norms."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def _optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (β 0.9/0.95) over ``module``'s parameters (the model, or a pipeline stage); weight
+    decay on matrices only, never on norms."""
+    decay = [p for p in module.parameters() if p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -253,30 +334,42 @@ def _optimizer(model: DeepSeekV3, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _save_model(path: Path, model: DeepSeekV3, tok) -> None:
-    """config.json + safetensors + tokenizer.json, so the folder stands alone."""
+def _save_model(
+    path: Path, par: Parallel, model: DeepSeekV3, tok, state: dict | None = None
+) -> None:
+    """config.json + safetensors + tokenizer.json (+ trainer_state.pt), so the folder stands
+    alone; written to a temp folder, then swapped in. Every rank calls it, rank 0 writes the
+    complete model."""
+    full = par.full_model(model)
+    if full is None:
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
+    save_pretrained(full, tmp)
     tok.save(str(tmp / "tokenizer.json"))
+    if state is not None:
+        torch.save(state, tmp / "trainer_state.pt")
     _swap_in(tmp, path)
 
 
-def _save_checkpoint(path: Path, model, tok, opt, gen, step: int, cfg: TrainConfig) -> None:
-    """Model, tokenizer and trainer state written to a temp folder, then swapped in."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    tok.save(str(tmp / "tokenizer.json"))
-    state = {
-        "step": step,
+def _save_checkpoint(
+    path: Path, par: Parallel, model, tok, opt, gen, step: int, cfg: TrainConfig
+) -> None:
+    """The model plus everything a restart needs. The trainer state holds rank 0's optimizer
+    and random states at the top, as one process writes them, and with several ranks every
+    other rank's under ``other_ranks`` (a resume needs the same ep/pp: _check_same_run)."""
+    mine = {
         "optimizer": opt.state_dict(),
         "data_rng": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
-        "train_config": dataclasses.asdict(cfg),
     }
-    torch.save(state, tmp / "trainer_state.pt")
-    _swap_in(tmp, path)
+    ranks = par.gather(mine)
+    state = None
+    if ranks is not None:
+        state = {"step": step, **ranks[0], "train_config": dataclasses.asdict(cfg)}
+        if len(ranks) > 1:
+            state["other_ranks"] = ranks[1:]
+    _save_model(path, par, model, tok, state)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
