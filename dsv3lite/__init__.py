@@ -9,7 +9,9 @@ Public API::
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig, preset
+from .generate import greedy, sample
 from .model import DeepSeekV3, KVCache
+from .speculative import speculative_generate
 
 __all__ = [
     "ModelConfig",
@@ -18,5 +20,8 @@ __all__ = [
     "KVCache",
     "load_pretrained",
     "save_pretrained",
+    "greedy",
+    "sample",
+    "speculative_generate",
 ]
 __version__ = "0.1.0"

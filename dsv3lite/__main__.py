@@ -1,4 +1,5 @@
-"""Command line: ``python -m dsv3lite {demo,train,bench} ...`` (also installed as ``dsv3lite``).
+"""Command line: ``python -m dsv3lite {demo,train,generate,bench,doctor} ...``
+(also installed as ``dsv3lite``).
 
 Thin on purpose: it parses arguments and hands over to the module that does the work, imported
 only when its subcommand runs.
@@ -34,6 +35,18 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(args, parser)
 
 
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .generate_cli import run
+
+    return run(args, parser)
+
+
+def _doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .doctor import main
+
+    return main()
+
+
 def _parser() -> argparse.ArgumentParser:
     from .bench import SUITES
 
@@ -60,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_train)
 
+    from .generate_cli import add_arguments as add_generate_arguments
+
+    generate = commands.add_parser(
+        "generate", help="continue a prompt with a checkpoint (optionally MTP-speculative)"
+    )
+    add_generate_arguments(generate)
+    generate.set_defaults(func=_generate)
+
     bench = commands.add_parser(
         "bench", help="time ours and the baselines, print one table, write JSON"
     )
@@ -74,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="small shapes and few repetitions (smoke test)"
     )
     bench.set_defaults(func=_bench)
+
+    doctor = commands.add_parser(
+        "doctor", help="check that this machine is ready for the course, with a fix per problem"
+    )
+    doctor.set_defaults(func=_doctor)
     return parser
 
 

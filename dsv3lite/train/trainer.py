@@ -246,7 +246,8 @@ def _losses(
     h: torch.Tensor | None = None,
     balance_layers: list[torch.nn.Module] | None = None,
 ) -> dict:
-    """Main next-token loss, the MTP losses (eq. 24: depth k predicts y shifted by k), and the
+    """Main next-token loss, the MTP losses (eq. 24: depth k predicts y shifted by k; a mean
+    over its T−k positions, where eq. 24 divides the sum by T: a constant factor (T−k)/T), and the
     sequence-wise balance loss over every MoE layer when balance == 'aux-loss'.
 
     A pipeline's last stage passes ``h``, the final hidden states (normed) it computed, and as
