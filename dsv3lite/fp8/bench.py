@@ -87,11 +87,14 @@ def bench_gemm(m: int, n: int, k: int, device: torch.device, quick: bool) -> lis
     ref = act_dequant(xq, xs).double() @ weight_dequant(wq, ws).double().t()
     ours = fp8_gemm(xq, xs, wq, ws)
     err = _rel(ours, ref)
+    # fp32 output: the tensor cores' in-step accumulation error, without bf16's output rounding
+    err32 = _rel(fp8_gemm(xq, xs, wq, ws, torch.float32), ref)
     if err > 1e-2:
         raise RuntimeError(f"fp8_gemm {shape}: relative error {err:.2e} against its reference")
     rows = []
     ms = median_ms(lambda: fp8_gemm(xq, xs, wq, ws), device, quick)
-    rows.append(_row(f"gemm ours {shape}", shape, ms, tflops / ms, "TFLOP/s", f"err {err:.1e}"))
+    note = f"err {err:.1e}, fp32 out {err32:.1e}"
+    rows.append(_row(f"gemm ours {shape}", shape, ms, tflops / ms, "TFLOP/s", note))
     ms = median_ms(lambda: x @ w.t(), device, quick)
     rows.append(_row(f"gemm bf16 {shape}", shape, ms, tflops / ms, "TFLOP/s", "torch.matmul"))
     rows.append(_blockwise_row(xq, xs, wq, ws, ref, shape, tflops, device, quick))
