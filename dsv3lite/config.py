@@ -14,9 +14,12 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import UserInputError, UserTypeError, check_bool, check_int, check_number
 
 _YARN_KEYS = (
     "factor",
@@ -26,6 +29,35 @@ _YARN_KEYS = (
     "mscale",
     "mscale_all_dim",
 )
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "max_position_embeddings",
+)
+# config.json keys that transformers or the release write and that set nothing here: generic
+# bookkeeping, inference switches, the release's deployment and FP8 settings, training-only
+# values. Other unknown keys are probably misspelt or foreign names: from_dict warns.
+_IGNORED_KEYS = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "auto_map",
+    "torch_dtype", "dtype", "quantization_config", "use_cache", "pretraining_tp", "pad_token_id",
+    "attention_dropout", "attention_bias", "num_key_value_heads", "moe_layer_freq", "topk_method",
+    "ep_size", "seq_aux", "aux_loss_alpha", "output_router_logits", "id2label", "label2id",
+    "chunk_size_feed_forward", "is_encoder_decoder", "output_attentions", "output_hidden_states",
+    "problem_type", "return_dict",
+})  # fmt: skip
+# keys with a single value this model implements: anything else would be silently wrong
+_FIXED_KEYS = {
+    "moe_layer_freq": (1, "every layer from first_k_dense_replace on is MoE"),
+    "attention_bias": (False, "the attention projections have no bias"),
+}
 
 
 @dataclass
@@ -66,9 +98,14 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # other keys
 
     def __post_init__(self) -> None:
-        if self.q_lora_rank == 0:
+        if type(self.q_lora_rank) is int and self.q_lora_rank == 0:  # not False, not 0.0
             self.q_lora_rank = None
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise UserTypeError(
+                    "ModelConfig.rope_scaling must be a dict ({'type': 'yarn', 'factor': ..., "
+                    f"'original_max_position_embeddings': ...}}) or None, got {self.rope_scaling!r}"
+                )
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
         self.validate()
 
@@ -94,75 +131,68 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ValueError naming the field and the allowed values when the config is unusable."""
-        positive = [
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_position_embeddings",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.q_lora_rank is not None and (
-            not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0
-        ):
-            raise ValueError(
-                f"ModelConfig.q_lora_rank must be a positive integer, or None/0 for no query "
-                f"compression, got {self.q_lora_rank!r}"
+        """Raise UserInputError (a ValueError; UserTypeError, also a TypeError, for a value of the
+        wrong type) naming the field and the allowed values when the config is unusable."""
+        for name in _POSITIVE_INTS:
+            check_int(f"ModelConfig.{name}", getattr(self, name), 1)
+        for name in ("n_routed_experts", "n_shared_experts", "num_nextn_predict_layers"):
+            check_int(f"ModelConfig.{name}", getattr(self, name), 0)
+        if self.q_lora_rank is not None:
+            check_int(
+                "ModelConfig.q_lora_rank (None or 0: no query compression)", self.q_lora_rank, 1
             )
+        # more dense layers than layers would silently build a dense model
+        check_int(
+            "ModelConfig.first_k_dense_replace (dense layers, at most num_hidden_layers)",
+            self.first_k_dense_replace,
+            0,
+            self.num_hidden_layers,
+        )
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor", "initializer_range"):
+            check_number(f"ModelConfig.{name}", getattr(self, name))
+        for name in ("norm_topk_prob", "rope_interleave", "tie_word_embeddings"):
+            check_bool(f"ModelConfig.{name}", getattr(self, name))
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) is not None:
+                check_int(f"ModelConfig.{name}", getattr(self, name), 0, self.vocab_size - 1)
+        if self.extra.get("pad_token_id") is not None:
+            check_int("config.pad_token_id", self.extra["pad_token_id"], 0, self.vocab_size - 1)
         if self.qk_rope_head_dim % 2:
-            raise ValueError(
+            raise UserInputError(
                 f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}"
             )
-        for name in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
-        if self.num_nextn_predict_layers < 0:
-            raise ValueError(
-                f"ModelConfig.num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}"
-            )
         if self.scoring_func not in ("sigmoid", "softmax"):
-            raise ValueError(
+            raise UserInputError(
                 f"ModelConfig.scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}"
             )
         if self.hidden_act != "silu":
-            raise ValueError(f"ModelConfig.hidden_act must be 'silu', got {self.hidden_act!r}")
+            raise UserInputError(f"ModelConfig.hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.n_routed_experts > 0:
             self._validate_routing()
 
     def _validate_routing(self) -> None:
-        if self.n_group < 1:
-            raise ValueError(f"ModelConfig.n_group must be >= 1, got {self.n_group}")
+        for name in ("n_group", "topk_group", "num_experts_per_tok"):
+            check_int(f"ModelConfig.{name}", getattr(self, name), 1)
         if self.n_routed_experts % self.n_group:
-            raise ValueError(
+            raise UserInputError(
                 f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
                 f"n_group ({self.n_group}); allowed n_group values: "
                 f"{[g for g in range(1, self.n_routed_experts + 1) if self.n_routed_experts % g == 0]}"
             )
         if not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(
+            raise UserInputError(
                 f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}"
             )
         per_group = self.n_routed_experts // self.n_group
         if self.n_group > 1 and per_group < 2:
-            raise ValueError(
+            raise UserInputError(
                 f"ModelConfig.n_group={self.n_group} leaves {per_group} expert per group; group "
                 "scores sum each group's top-2 experts, so every group needs at least 2 "
                 f"(n_group <= {self.n_routed_experts // 2})"
             )
         reachable = self.topk_group * per_group
         if not 1 <= self.num_experts_per_tok <= reachable:
-            raise ValueError(
+            raise UserInputError(
                 f"ModelConfig.num_experts_per_tok must be in [1, {reachable}] (topk_group × "
                 f"experts per group = {self.topk_group} × {per_group}), got {self.num_experts_per_tok}"
             )
@@ -184,7 +214,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a config.json dict in either spelling (release or transformers 5)."""
+        """Build from a config.json dict in either spelling (release or transformers 5).
+
+        Keys that are no field and not in ``_IGNORED_KEYS`` are kept (they round-trip) but
+        warned about: a misspelt or foreign name (DeepSeek's inference ``dim``, ``n_layers``)
+        would otherwise leave that field at its 671B default without a word."""
+        if not isinstance(d, dict):
+            raise UserTypeError(
+                f"a config must be a JSON object of fields, got {type(d).__name__} {d!r:.60}"
+            )
         d = dict(d)
         for derived in ("head_dim", "qk_head_dim"):  # transformers writes these; we derive them
             d.pop(derived, None)
@@ -192,6 +230,8 @@ class ModelConfig:
             dtype = d.pop("dtype")
             d.setdefault("torch_dtype", dtype)
         rope_parameters = d.pop("rope_parameters", None)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            raise UserTypeError(f"config.rope_parameters must be a dict, got {rope_parameters!r}")
         if rope_parameters:
             d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
             rtype = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
@@ -199,15 +239,25 @@ class ModelConfig:
                 d["rope_scaling"] = rope_parameters
         kv_heads = d.get("num_key_value_heads")
         if kv_heads is not None and kv_heads != d.get("num_attention_heads", kv_heads):
-            raise ValueError(
+            raise UserInputError(
                 f"config.num_key_value_heads ({kv_heads}) must equal num_attention_heads: MLA "
                 "expands every head's key and value from the shared latent"
             )
+        for key, (needed, why) in _FIXED_KEYS.items():
+            if d.get(key, needed) != needed:
+                raise UserInputError(f"config.{key} must be {needed!r} ({why}), got {d[key]!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
+        unknown = sorted(set(extra) - _IGNORED_KEYS)
+        if unknown:
+            warnings.warn(
+                f"config: unknown fields {unknown} are ignored (fields take transformers' "
+                "DeepseekV3Config names); any field not given keeps its DeepSeek-V3 default",
+                stacklevel=2,
+            )
         if known.get("rope_scaling") is not None and not isinstance(known["rope_scaling"], dict):
-            raise ValueError(
+            raise UserInputError(
                 f"config.rope_scaling must be a dict or null, got {known['rope_scaling']!r}"
             )
         return cls(**known, extra=extra)
@@ -226,7 +276,17 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            d = json.loads(path.read_bytes().decode("utf-8-sig"))
+            return cls.from_dict(d)
+        except UnicodeDecodeError as err:
+            raise UserInputError(
+                f"{path} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{path} is not valid JSON: {err}") from None
+        except UserInputError as err:  # the same error, naming the file
+            raise type(err)(f"{path}: {err}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -240,23 +300,44 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
-    """Accept the release's {"type": "yarn", ...} and transformers' {"rope_type": "yarn", ...}."""
+def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any] | None:
+    """Accept the release's {"type": "yarn", ...}, transformers' {"rope_type": "yarn", ...} and
+    transformers 5's rope_parameters, which hold both (then they must agree); check the values."""
     rs = dict(rs)
-    rtype = rs.pop("rope_type", None) or rs.pop("type", None)
+    rope_type, old_type = rs.pop("rope_type", None), rs.pop("type", None)
+    if rope_type and old_type and rope_type != old_type:
+        raise UserInputError(
+            f"config.rope_scaling has rope_type={rope_type!r} and type={old_type!r}; they must agree"
+        )
+    rtype = rope_type or old_type
     rs.pop("rope_theta", None)
     if rtype in (None, "default"):
         return None
     if rtype != "yarn":
-        raise ValueError(f"config.rope_scaling type must be 'yarn' (or absent), got {rtype!r}")
+        raise UserInputError(f"config.rope_scaling type must be 'yarn' (or absent), got {rtype!r}")
     if "factor" not in rs or "original_max_position_embeddings" not in rs:
-        raise ValueError(
+        raise UserInputError(
             "config.rope_scaling of type 'yarn' needs 'factor' and 'original_max_position_embeddings'"
         )
     unknown = set(rs) - set(_YARN_KEYS) - {"truncate", "attention_factor"}
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"config.rope_scaling has unknown keys {sorted(unknown)}; allowed: {_YARN_KEYS}"
+        )
+    check_number("config.rope_scaling.factor", rs["factor"], 1.0, strict=False)
+    original = rs["original_max_position_embeddings"]
+    check_int("config.rope_scaling.original_max_position_embeddings", original, 1)
+    for key, strict in (("beta_fast", True), ("beta_slow", True), ("attention_factor", True),
+                        ("mscale", False), ("mscale_all_dim", False)):  # fmt: skip
+        if rs.get(key) is not None:
+            check_number(f"config.rope_scaling.{key}", rs[key], strict=strict)
+    if rs.get("truncate") is not None:
+        check_bool("config.rope_scaling.truncate", rs["truncate"])
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1  # as rope.py
+    if beta_fast < beta_slow:
+        raise UserInputError(
+            f"config.rope_scaling needs beta_fast >= beta_slow (rotations that bound YaRN's ramp, "
+            f"fast above slow), got beta_fast={beta_fast}, beta_slow={beta_slow}"
         )
     return {"type": "yarn", **rs}
 
@@ -338,5 +419,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named preset ('tiny', 'small', 'v3-671b'), with optional field overrides."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        raise UserInputError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
