@@ -47,9 +47,8 @@ block's scale by one iteration (it broke the software pipeliner).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton
 from .fp8_quant import BLOCK, FP8, INTERPRETED, check_device
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

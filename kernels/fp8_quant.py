@@ -41,9 +41,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._triton import INTERPRETED, require, tl, triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: E4M3's largest finite value
@@ -318,13 +317,9 @@ def _weight_quant_kernel(
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
 
-# True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then run
-# on CPU tensors through numpy, slowly but with the same numerics.
-INTERPRETED = isinstance(_act_quant_kernel, InterpretedFunction)
-
-
 def check_device(t: torch.Tensor) -> None:
     """Triton needs a CUDA tensor, or a CPU tensor under the interpreter."""
+    require()
     if not t.is_cuda and not INTERPRETED:
         raise ValueError(
             "the Triton FP8 kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "

@@ -36,18 +36,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import INTERPRETED, require, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 SMEM_BYTES = 200 * 1024  # of the H200's 227 KiB per block, with room for the epilogue
-
-
-# @triton.jit picks the interpreter when this module is imported (TRITON_INTERPRET=1 then),
-# so the wrappers decide once, at the same moment.
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -369,6 +364,7 @@ def _check_gemm(
     tensors = [x, w, offsets] + ([src_rows] if src_rows is not None else [])
     if any(t.device != x.device for t in tensors):
         raise ValueError("x, w, offsets and src_rows must be on one device")
+    require()
     if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError("grouped_gemm runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
 

@@ -54,8 +54,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import INTERPRETED, require, tl, triton
 
 CACHE_DTYPES = (torch.bfloat16, torch.float16)
 # A split reads at least this many tokens (1,152 bytes each at 512 + 64 in bf16). Its fp32
@@ -64,11 +64,6 @@ CACHE_DTYPES = (torch.bfloat16, torch.float16)
 MIN_SPLIT_TOKENS = 256
 # Rows of a nominal head block when choosing the number of splits (the tuned BLOCK_H may differ).
 NOMINAL_BLOCK_H = 64
-
-
-# @triton.jit picks the interpreter when this module is imported (TRITON_INTERPRET=1 then),
-# so the wrappers decide once, at the same moment.
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -477,6 +472,7 @@ def _check_cache(
         raise ValueError("kv_cache and k_pe_cache need unit stride in their last dimension")
     if kv_cache.device != device or k_pe_cache.device != device:
         raise ValueError(f"caches are on {kv_cache.device}, queries on {device}")
+    require()
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError("mla_decode runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
 

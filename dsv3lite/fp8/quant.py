@@ -9,7 +9,8 @@ Which backend runs:
 
 * ``DSV3LITE_FP8_BACKEND=torch`` or ``=triton`` forces one;
 * otherwise (``auto``) Triton for CUDA tensors on GPUs with FP8 tensor cores (compute
-  capability 8.9+: Ada, Hopper, Blackwell), the torch reference for everything else.
+  capability 8.9+: Ada, Hopper, Blackwell) where Triton is installed, the torch reference for
+  everything else.
 
 To run the *Triton* kernels on the CPU (tests do), set ``TRITON_INTERPRET=1`` and
 ``DSV3LITE_FP8_BACKEND=triton`` in the environment of a fresh process: the interpreter is
@@ -24,6 +25,7 @@ import os
 
 import torch
 
+from ..kernels import _triton
 from ..kernels import fp8_gemm as _gemm
 from ..kernels import fp8_quant as _quant
 from ..kernels.fp8_quant import act_dequant, weight_dequant
@@ -50,7 +52,7 @@ def backend(t: torch.Tensor) -> str:
         raise ValueError(f"DSV3LITE_FP8_BACKEND must be one of {BACKENDS}, got {choice!r}")
     if choice != "auto":
         return choice
-    if t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9):
+    if _triton.AVAILABLE and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9):
         return "triton"
     return "torch"
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels._triton import AVAILABLE as TRITON_AVAILABLE
 from .cache import KVCache
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -126,9 +127,10 @@ class MLA(nn.Module):
 
 def _decode_kernel_applies(q_latent: torch.Tensor, kv: torch.Tensor, cache: KVCache | None) -> bool:
     """One new token per sequence over a bf16/fp16 cache on a GPU, without autograd: the case
-    the Triton decode kernel (kernels/mla_decode.py) is written for."""
+    the Triton decode kernel (kernels/mla_decode.py) is written for, where Triton is installed."""
     return (
         cache is not None
+        and TRITON_AVAILABLE
         and kv.is_cuda
         and q_latent.shape[1] == 1
         and kv.dtype in (torch.bfloat16, torch.float16)
