@@ -123,6 +123,7 @@ def fp8_gemm_ref(
     b: torch.Tensor,
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel's numerics in plain torch: per 128-block of K, an FP32 matmul of the codes,
     scaled, added into an FP32 accumulator. The codes' products are exact in FP32 and a
@@ -137,7 +138,8 @@ def fp8_gemm_ref(
         cols = slice(kb * BLOCK, (kb + 1) * BLOCK)
         dot = a2[:, cols].float() @ b[:, cols].float().t()
         acc += dot * (as2[:, kb, None] * bs_rows[None, :, kb])
-    return acc.to(out_dtype).view(*a.shape[:-1], n)
+    result = acc.to(out_dtype).view(*a.shape[:-1], n)
+    return result if out is None else out.copy_(result)  # ``out`` as the kernel takes it
 
 
 # ------------------------------------------------------------------------------ Triton

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..kernels import tl, triton
 from ..model.mla import MLA
 from ..model.mtp import MTPModule
 
@@ -78,21 +79,13 @@ def block_scaled_k_loop(
     return c
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton has wheels for Linux only
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def tile_scale_kernel(x_ptr, s_ptr, K, BLOCK: tl.constexpr):
-        """Program (row, tile): the scale of x[row, tile·BLOCK : (tile+1)·BLOCK]."""
-        row, tile = tl.program_id(0), tl.program_id(1)
-        x = tl.load(x_ptr + row * K + tile * BLOCK + tl.arange(0, BLOCK))
-        s = tl.max(tl.abs(x), axis=0) / 448.0
-        tl.store(s_ptr + row * (K // BLOCK) + tile, tl.where(s > 0, s, 1.0))
+@triton.jit
+def tile_scale_kernel(x_ptr, s_ptr, K, BLOCK: tl.constexpr):
+    """Program (row, tile): the scale of x[row, tile·BLOCK : (tile+1)·BLOCK]."""
+    row, tile = tl.program_id(0), tl.program_id(1)
+    x = tl.load(x_ptr + row * K + tile * BLOCK + tl.arange(0, BLOCK))
+    s = tl.max(tl.abs(x), axis=0) / 448.0
+    tl.store(s_ptr + row * (K // BLOCK) + tile, tl.where(s > 0, s, 1.0))
 
 
 # ------------------------------------------------------------------------------ 06 expert parallel
