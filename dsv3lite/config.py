@@ -84,6 +84,10 @@ class ModelConfig:
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 3
     scoring_func: str = "sigmoid"  # "softmax" for DeepSeek-V2-style gates
+    # how a group is scored for group-limited routing: the sum of its two best biased scores
+    # (the release, transformers) or its best score ("max": DeepSeek's inference code when the
+    # gate has no bias, i.e. every config but the 671B one)
+    group_score: str = "top2_sum"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor": ..., ...} or None
     rope_interleave: bool = True
@@ -165,6 +169,10 @@ class ModelConfig:
             raise UserInputError(
                 f"ModelConfig.scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}"
             )
+        if self.group_score not in ("top2_sum", "max"):
+            raise UserInputError(
+                f"ModelConfig.group_score must be 'top2_sum' or 'max', got {self.group_score!r}"
+            )
         if self.hidden_act != "silu":
             raise UserInputError(f"ModelConfig.hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.n_routed_experts > 0:
@@ -184,7 +192,7 @@ class ModelConfig:
                 f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}"
             )
         per_group = self.n_routed_experts // self.n_group
-        if self.n_group > 1 and per_group < 2:
+        if self.n_group > 1 and per_group < 2 and self.group_score == "top2_sum":
             raise UserInputError(
                 f"ModelConfig.n_group={self.n_group} leaves {per_group} expert per group; group "
                 "scores sum each group's top-2 experts, so every group needs at least 2 "

@@ -4,8 +4,8 @@ against a per-token loop, and the group mask."""
 import pytest
 import torch
 
-from dsv3lite import preset
-from dsv3lite.model.moe import MoE
+from dsv3lite import ModelConfig, preset
+from dsv3lite.model.moe import Gate, MoE
 
 
 def _moe(seed=0, **overrides):
@@ -120,3 +120,54 @@ def test_zero_tokens_give_an_empty_result():
     moe = _moe()
     y = moe(torch.zeros(0, moe.config.hidden_size, dtype=torch.float64))
     assert y.shape == (0, moe.config.hidden_size)
+
+
+def _official_gate(x, weight, config):
+    """DeepSeek's inference Gate without a bias, in plain torch: groups scored by their max."""
+    scores = x.float() @ weight.float().T
+    scores = scores.sigmoid() if config.scoring_func == "sigmoid" else scores.softmax(-1)
+    grouped = scores.view(len(x), config.n_group, -1)
+    keep = grouped.amax(-1).topk(config.topk_group, -1).indices
+    dropped = torch.ones(len(x), config.n_group, dtype=torch.bool).scatter_(1, keep, False)
+    masked = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+    indices = masked.topk(config.num_experts_per_tok, -1).indices
+    weights = scores.gather(1, indices)
+    if config.scoring_func == "sigmoid":
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * config.routed_scaling_factor, indices
+
+
+def _sorted(weights, indices):
+    order = indices.argsort(-1)
+    return weights.gather(1, order), indices.gather(1, order)
+
+
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_group_score_max_routes_like_the_official_gate(scoring_func):
+    config = preset("tiny", scoring_func=scoring_func, norm_topk_prob=scoring_func == "sigmoid")
+    torch.manual_seed(7)
+    weight = torch.randn(config.n_routed_experts, config.hidden_size) * 0.3
+    x = torch.randn(256, config.hidden_size)
+    routed = {}
+    for rule in ("max", "top2_sum"):
+        gate = Gate(config.replace(group_score=rule))
+        gate.weight.data = weight  # the bias stays zero: DeepSeek's gate has none here
+        routing = gate(x)
+        routed[rule] = _sorted(routing.weights, routing.indices)
+    ref_w, ref_i = _sorted(*_official_gate(x, weight, config))
+    got_w, got_i = routed["max"]
+    assert torch.equal(got_i, ref_i)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-6, atol=1e-7)
+    differ = (routed["top2_sum"][1] != ref_i).any(-1)
+    assert differ.sum() > 10  # the two rules pick other groups for many tokens
+
+
+def test_group_score_is_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match=r"ModelConfig.group_score must be 'top2_sum' or 'max'"):
+        preset("tiny", group_score="sum")
+    preset("tiny", group_score="max").save(tmp_path)
+    assert ModelConfig.load(tmp_path).group_score == "max"
+    assert preset("tiny").to_dict()["group_score"] == "top2_sum"
+    preset("tiny", n_group=16, topk_group=4, group_score="max")  # one expert a group: fine
+    with pytest.raises(ValueError, match="every group needs at least 2"):
+        preset("tiny", n_group=16, topk_group=4)

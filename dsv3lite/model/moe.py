@@ -11,10 +11,14 @@ nudging b changes the load without touching the gradient of the language-modelli
 
 Group-limited routing: experts form ``n_group`` groups (one per node in the report's
 deployment); a token first keeps the ``topk_group`` groups whose two best biased scores sum
-highest, then takes its top-K_r experts inside them. Dropped groups are masked with -inf, as
-the release's inference code and transformers >= 5.24 do. (transformers 5.0–5.2x masked with
-0.0; that differs only when every surviving biased score is negative — then 0.0 would let
-experts from dropped groups win. See tests/test_moe.py::test_dropped_groups_never_win.)
+highest, then takes its top-K_r experts inside them. (DeepSeek's inference code scores a group
+by its single best score instead when its gate has no bias, as in every config but the 671B
+one: ``group_score="max"`` follows it, so such checkpoints route the same here.)
+
+Dropped groups are masked with -inf, as the release's inference code and transformers >= 5.24
+do. (transformers 5.0–5.2x masked with 0.0; that differs only when every surviving biased score
+is negative — then 0.0 would let experts from dropped groups win. See
+tests/test_moe.py::test_dropped_groups_never_win.)
 """
 
 from __future__ import annotations
@@ -81,10 +85,14 @@ class Gate(nn.Module):
         return Routing(weights=weights, indices=indices, scores=scores, load=load)
 
     def _limit_groups(self, biased: torch.Tensor) -> torch.Tensor:
-        """Keep the topk_group groups with the highest sum of their top-2 biased scores."""
+        """Keep the topk_group groups with the highest group score: the sum of a group's top-2
+        biased scores, or (``group_score="max"``) its best one."""
         c = self.config
         grouped = biased.view(biased.shape[0], c.n_group, c.n_routed_experts // c.n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        if c.group_score == "max":
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
         keep = group_scores.topk(c.topk_group, dim=-1, sorted=False).indices
         mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
         return grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
