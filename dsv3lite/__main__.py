@@ -41,6 +41,12 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(args, parser)
 
 
+def _docs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .docs import run
+
+    return run(args)
+
+
 def _doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .doctor import main
 
@@ -100,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", help="check that this machine is ready for the course, with a fix per problem"
     )
     doctor.set_defaults(func=_doctor)
+
+    docs = commands.add_parser("docs", help="the notebooks as a static site that needs no network")
+    docs.add_argument("--out", default="site", help="folder to write (default: site)")
+    docs.add_argument(
+        "--notebooks", default="notebooks", help="folder of NN_*.ipynb (default: notebooks)"
+    )
+    docs.set_defaults(func=_docs)
     return parser
 
 
