@@ -3,12 +3,30 @@
 
 Thin on purpose: it parses arguments and hands over to the module that does the work, imported
 only when its subcommand runs.
+
+Bad input (a ``UserInputError``, a missing file, a file that is not JSON or not text) ends in
+one line, ``error: ...``, and exit status 2, as argparse's own errors do; anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from .errors import UserInputError
+
+# what a user can cause by typing a wrong flag or pointing at a wrong file
+USER_ERRORS = (
+    UserInputError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+)
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -120,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dsv3lite`` and of the ``dsv3lite`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
-    return args.func(args, parser)
+    try:
+        return args.func(args, parser)
+    except USER_ERRORS as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import UserInputError
 from .model import DeepSeekV3
 from .model.mla import ATTN_IMPLS
 
@@ -82,8 +83,13 @@ def sampling_rule(
 
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """softmax(logits / temperature) [..., V] in fp32, restricted to the top-p nucleus and
-    renormalised. Speculative sampling needs these distributions themselves, not just a draw."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    renormalised. Speculative sampling needs these distributions themselves, not just a draw.
+
+    The largest logit is subtracted *before* the division (softmax does not change): at a
+    tiny temperature (1e-45) logits / temperature overflows to inf and softmax returns NaN,
+    whereas values <= 0 can only underflow to -inf, which is probability 0."""
+    z = logits.float()
+    probs = torch.softmax((z - z.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         probs = probs * top_p_mask(probs, top_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
@@ -106,11 +112,11 @@ def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def check_sampling(temperature: float, top_p: float) -> None:
     """Reject a temperature below 0 or a top_p outside (0, 1], naming the argument."""
     if not _is_number(temperature) or not 0 <= temperature < math.inf:
-        raise ValueError(
+        raise UserInputError(
             f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
         )
     if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}")
+        raise UserInputError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p!r}")
 
 
 def _is_number(x: object) -> bool:

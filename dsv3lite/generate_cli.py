@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import CONFIG_NAME, load_pretrained
+from .errors import UserInputError
 from .generate import check_sampling, sample
 from .model import DeepSeekV3
 from .speculative import speculative_generate
@@ -44,12 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Load, encode, decode, print; every bad input ends in ``parser.error`` (exit status 2)."""
+    """Load, encode, decode, print; every bad input ends in one line ``error: ...`` (exit
+    status 2, printed by ``python -m dsv3lite``)."""
     try:
         _check_flags(args)
         model, tok, ids = _load(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    except ValueError as err:  # the checkpoint's own checks, on what the user pointed us at
+        raise UserInputError(str(err)) from err
     kwargs = dict(temperature=args.temperature, top_p=args.top_p)
     if not args.mtp_speculative:
         out = sample(model, ids, args.max_new_tokens, generator=_generator(args), **kwargs)
@@ -82,12 +84,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _check_flags(args: argparse.Namespace) -> None:
     """What can be refused before loading anything."""
     if not args.prompt.strip():
-        raise ValueError("the prompt is empty: give some text to continue")
+        raise UserInputError("the prompt is empty: give some text to continue")
+    try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer encodes
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserInputError(
+            f"the prompt is not UTF-8 text (an invalid byte at character {err.start}); "
+            "convert it first, e.g. with iconv"
+        ) from None
     check_sampling(args.temperature, args.top_p)
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+        raise UserInputError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
 
 
 def _load(args: argparse.Namespace) -> tuple[DeepSeekV3, Tokenizer, torch.Tensor]:

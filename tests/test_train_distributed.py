@@ -137,5 +137,5 @@ def test_bad_layouts_are_refused(tmp_path):
         train(TrainConfig(micro_batches=2, out=out))
     with pytest.raises(ValueError, match=r"micro_batches \(3\) must divide batch_size \(16\)"):
         train(TrainConfig(pp=2, micro_batches=3, out=out))
-    with pytest.raises(ValueError, match="TrainConfig.pp must be >= 1"):
+    with pytest.raises(ValueError, match="TrainConfig.pp must be an int >= 1"):
         train(TrainConfig(pp=0, out=out))

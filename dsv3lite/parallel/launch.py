@@ -72,6 +72,12 @@ def _kind(failure: str) -> str:
     return "raised" if not failure.startswith(("exited", "still running")) else "stopped"
 
 
+def collective_failed(err: BaseException) -> bool:
+    """Whether ``err`` comes from a collective or point-to-point transfer that failed: a peer
+    froze past the timeout, died or closed its socket (gloo raises a plain RuntimeError)."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err) or "NCCL" in str(err)
+
+
 def default_backend() -> str:
     """'nccl' when CUDA is available, else 'gloo'."""
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -233,7 +239,7 @@ def _rank_main(
         result = fn(*args)
     except BaseException as err:  # report everything, SystemExit included, then stop
         hint = ""
-        if isinstance(err, dist.DistError) or "gloo" in str(err) or "NCCL" in str(err):
+        if collective_failed(err):
             hint = (
                 f"\n(a collective or point-to-point transfer failed: most likely another rank died "
                 f"or stopped participating; process-group timeout {pg_timeout_s:g} s)"

@@ -1,7 +1,8 @@
 """``python -m dsv3lite train``: flags for every TrainConfig field, a summary at the end.
 
 On several processes: ``torchrun --nproc-per-node N -m dsv3lite train --ep N`` (or ``--pp N``);
-rank 0 alone prints the summary.
+rank 0 alone prints the summary. A rank that freezes or dies stops the others after
+``--timeout-s``: each survivor prints one line saying so, not the backend's traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import sys
 
+from ..errors import UserInputError
+from ..parallel.launch import collective_failed
 from .balance import BALANCE_MODES
 from .trainer import TrainConfig, train
 
@@ -18,7 +23,9 @@ _HELP = {
     "steps": "optimizer steps in total (a resumed run continues up to this count)",
     "out": "run folder: metrics.jsonl, last/ (resumable), final/, plots/",
     "data": "a text file or a folder of them (default: CPython's embedded docs)",
-    "device": "cpu or cuda (under torchrun: gloo on CPU, or NCCL with one GPU per process)",
+    "device": "cpu, cuda or cuda:N (under torchrun: cpu with gloo, or cuda: NCCL, one GPU per "
+    "process)",
+    "grad_clip": "clip the global gradient norm to this (> 0)",
     "batch_size": "sequences per step on each data-parallel rank (--ep N: N times as many)",
     "ep": "expert-parallel ranks: start with torchrun --nproc-per-node EP",
     "pp": "pipeline stages, one per rank (1F1B): start with torchrun --nproc-per-node PP",
@@ -28,6 +35,8 @@ _HELP = {
     "alpha": "weight α of the sequence-wise balance loss",
     "mtp_lambda": "weight λ of the MTP loss (eq. 25)",
     "fp8": "train the attention projections and expert Linears in FP8 (§3.3.1)",
+    "timeout_s": "seconds a rank waits in a collective for a frozen or dead rank (torchrun); "
+    "raise it if writing a checkpoint takes longer",
 }
 _SKIP = {"progress", "model_overrides"}
 
@@ -56,7 +65,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         result = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        parser.error(str(err))
+        raise UserInputError(_as_flags(str(err))) from err
+    except RuntimeError as err:
+        if not collective_failed(err):
+            raise
+        _collective_failed(err, cfg.timeout_s)
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(
@@ -67,3 +80,22 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"plots:   {', '.join(str(p) for p in result.plots)}")
     print(f"model:   {result.final}")
     return 0
+
+
+def _as_flags(message: str) -> str:
+    """TrainConfig.grad_clip → --grad-clip: on the command line, name the flag to change."""
+    return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), message)
+
+
+def _collective_failed(err: RuntimeError, timeout_s: float) -> None:
+    """One line on this (surviving) rank, then exit: the backend's traceback says where the
+    wait ended, not that another rank stopped answering."""
+    timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
+    what = f"waited {timeout_s:g} s (--timeout-s) for" if timed_out else "lost the connection to"
+    print(
+        f"error: rank {os.environ.get('RANK', '?')}: a collective {what} another rank, which "
+        "froze or died; see that rank's output",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)  # no interpreter shutdown: tearing down a broken process group can hang

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..errors import UserInputError
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", "")
 MIN_CHARS = 10_000  # below this a train/validation split says nothing
 
@@ -81,9 +83,12 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no tokenizer.json at {file}")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for any unreadable file
+        raise UserInputError(f"{file} is not a readable tokenizer.json: {err}") from None
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
-        raise ValueError(
+        raise UserInputError(
             f"tokenizer {file} has {tok.get_vocab_size()} tokens but the model's vocab_size is "
             f"{vocab_size}: this tokenizer does not belong to this checkpoint"
         )

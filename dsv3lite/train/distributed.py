@@ -55,10 +55,6 @@ from .balance import sequence_balance_loss
 if TYPE_CHECKING:
     from .trainer import TrainConfig
 
-# A collective waits this long for a missing rank before raising: long enough for rank 0 to
-# write a checkpoint and plots while the others wait, short enough that a dead rank ends the run.
-PG_TIMEOUT_S = 180.0
-
 LossFn = Callable[..., dict]  # trainer._losses with its cfg bound
 
 
@@ -91,7 +87,9 @@ def setup_parallel(cfg: TrainConfig) -> Parallel:
             f"process, LOCAL_RANK), got {cfg.device!r}"
         )
     owns_group = not dist.is_initialized()  # under launch() the group already exists
-    info = init_distributed("nccl" if cfg.device == "cuda" else "gloo", PG_TIMEOUT_S)
+    # cfg.timeout_s: long enough for rank 0 to write a checkpoint and plots while the others
+    # wait, short enough that a frozen or dead rank ends the run soon
+    info = init_distributed("nccl" if cfg.device == "cuda" else "gloo", cfg.timeout_s)
     check_same_on_all_ranks(dataclasses.asdict(cfg), "TrainConfig")
     if cfg.ep > 1:
         return ExpertParallel(info, owns_group)

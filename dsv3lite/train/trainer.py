@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..accounting import count_parameters, format_count
 from ..checkpoint import load_pretrained, save_pretrained
 from ..config import atomic_write_text, preset
+from ..errors import UserInputError, check_bool, check_int, check_number
 from ..model import DeepSeekV3
 from .balance import BALANCE_MODES, max_violation, sequence_balance_loss, update_bias
 from .data import TokenData, load_tokenizer, read_corpus, train_tokenizer
@@ -38,7 +41,9 @@ from .plots import plot_run
 from .schedule import lr_at
 
 # Fields that may change between a run and its --resume; any other difference is refused.
-RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "device", "out", "progress"}
+RESUMABLE_CHANGES = {
+    "steps", "log_every", "eval_every", "ckpt_every", "device", "out", "progress", "timeout_s"
+}  # fmt: skip
 EVAL_SEED = 1234  # the validation batches' generator (plus the data-parallel rank)
 
 
@@ -72,39 +77,101 @@ class TrainConfig:
     ep: int = 1  # expert-parallel ranks (torchrun --nproc-per-node ep)
     pp: int = 1  # pipeline stages, one per rank (torchrun --nproc-per-node pp)
     micro_batches: int = 0  # --pp: the batch's split for the pipeline (0: up to 2·pp)
+    timeout_s: float = 60.0  # how long a collective waits for a frozen or dead rank (torchrun)
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Clear errors naming the field, before any work starts."""
-        positive = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every")
-        for name in (*positive, "ep", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        """Clear errors naming the field and what is allowed, before any work starts (the
+        command line names the flag: TrainConfig.grad_clip is --grad-clip)."""
+        positive = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches")
+        for name in (*positive, "ckpt_every", "ep", "pp"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+        for name in ("warmup", "micro_batches", "seed"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), 0)
+        # NaN or infinity in any of these trains NaN (or never stops waiting) without an error;
+        # grad_clip 0 would zero every gradient, a negative one flip them
+        for name in ("lr", "min_lr", "grad_clip", "timeout_s"):
+            check_number(f"TrainConfig.{name}", getattr(self, name))
+        for name in ("weight_decay", "gamma", "alpha", "mtp_lambda"):  # 0 switches the term off
+            check_number(f"TrainConfig.{name}", getattr(self, name), strict=False)
+        for name in ("fp8", "progress"):
+            check_bool(f"TrainConfig.{name}", getattr(self, name))
+        if self.min_lr > self.lr:
+            raise UserInputError(
+                f"TrainConfig.min_lr must be <= lr, got min_lr={self.min_lr}, lr={self.lr}"
+            )
         if self.balance not in BALANCE_MODES:
-            raise ValueError(
+            raise UserInputError(
                 f"TrainConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}"
             )
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("TrainConfig.device is 'cuda' but torch sees no CUDA GPU; use 'cpu'")
+        # '' is the current folder: a run would write its files there, or read every text in it
+        if not (isinstance(self.out, str) and self.out.strip()):
+            raise UserInputError(f"TrainConfig.out must name the run folder, got {self.out!r}")
+        if self.data is not None and not (isinstance(self.data, str) and self.data.strip()):
+            raise UserInputError(f"TrainConfig.data must name a file or folder, got {self.data!r}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserInputError(f"TrainConfig.out must be a folder, but {self.out} is a file")
+        self._validate_device()
         self._validate_layout()
+        self._validate_memory()
+
+    def _validate_device(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise UserInputError(
+                f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if self.device == "cpu":
+            return
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserInputError(
+                f"TrainConfig.device is {self.device!r} but torch sees no CUDA GPU; use 'cpu'"
+            )
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= count:
+            raise UserInputError(
+                f"TrainConfig.device is {self.device!r} but torch sees {count} GPU(s): "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+
+    def _validate_memory(self) -> None:
+        """Refuse a model whose fp32 weights, gradients and two AdamW moments (16 bytes a
+        parameter) exceed the device's memory: v3-671b would start allocating terabytes."""
+        params = count_parameters(preset(self.preset, **self.model_overrides))
+        n = params.total_sum + params.mtp_total
+        need, have = 16 * n, _memory_bytes(self.device)
+        if have is not None and need > have:
+            raise UserInputError(
+                f"TrainConfig.preset {self.preset!r} has {format_count(n)} parameters: training "
+                f"needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients, AdamW moments), "
+                f"but {self.device} has {have / 2**30:,.0f} GiB; choose 'tiny' or 'small'"
+            )
 
     def _validate_layout(self) -> None:
         if self.ep > 1 and self.pp > 1:
-            raise ValueError(
+            raise UserInputError(
                 f"TrainConfig.ep={self.ep} and pp={self.pp}: expert and pipeline parallelism "
                 "together are not supported; use one of them"
             )
-        if self.micro_batches < 0:
-            raise ValueError(f"TrainConfig.micro_batches must be >= 0, got {self.micro_batches}")
         if self.micro_batches and self.pp == 1:
-            raise ValueError("TrainConfig.micro_batches splits the batch for --pp > 1; leave it 0")
+            raise UserInputError(
+                "TrainConfig.micro_batches splits the batch for --pp > 1; leave it 0"
+            )
         if self.micro_batches and self.batch_size % self.micro_batches:
-            raise ValueError(
+            raise UserInputError(
                 f"TrainConfig.micro_batches ({self.micro_batches}) must divide batch_size "
                 f"({self.batch_size}): every micro-batch holds as many sequences"
             )
+
+
+def _memory_bytes(device: str) -> int | None:
+    """The GPU's memory, or the machine's RAM for 'cpu'; None where the OS does not say."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
 
 
 @dataclass
