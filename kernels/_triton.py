@@ -46,6 +46,7 @@ if not AVAILABLE:
 
         def __init__(self, fn: Any) -> None:
             functools.update_wrapper(self, fn)
+            self.fn = fn  # as on Triton's JITFunction: the Python function, for its source
 
         def __getitem__(self, grid: Any) -> Any:
             raise TritonUnavailable(MISSING_REASON)
@@ -76,7 +77,11 @@ if not AVAILABLE:
             return 1 << max(n - 1, 0).bit_length()
 
     class _Language:
-        """``tl``: only read inside kernel bodies, which never run without Triton."""
+        """``tl``: read inside kernel bodies, which never run without Triton, and in their
+        signatures, where ``tl.constexpr`` marks compile-time arguments."""
+
+        class constexpr:  # noqa: N801 - Triton's name
+            pass
 
         def __getattr__(self, name: str) -> Any:
             raise TritonUnavailable(MISSING_REASON)
