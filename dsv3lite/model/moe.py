@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels._triton import AVAILABLE as TRITON_AVAILABLE
 
 
 class MLP(nn.Module):
@@ -129,7 +130,8 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Σ_i g_{i,t} FFN_i(x_t): sort the (token, expert) pairs by expert, run each expert once
         on its contiguous slice (offsets from the per-expert counts), scatter-add back."""
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+        fast = TRITON_AVAILABLE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        if fast and not torch.is_grad_enabled():
             from ..kernels.grouped_gemm import moe_forward
 
             return moe_forward(x, routing.indices, routing.weights, *self._stacked_experts())
