@@ -30,7 +30,7 @@ GiB = 1024**3
 ROOT = Path(__file__).resolve().parent.parent  # the checkout this file belongs to
 MIN_PYTHON = (3, 10)
 TORCH_PIN = "torch==2.13.0"
-TRITON_PIN = "triton==3.6.0"
+TRITON_PIN = "triton==3.7.1"  # what torch 2.13 pins; its interpreter takes numpy 2.4
 MEMORY_RECOMMENDED, MEMORY_MINIMUM = 4 * GiB, 1 * GiB
 DISK_RECOMMENDED, DISK_MINIMUM = 3 * GiB, 1 * GiB
 
@@ -210,8 +210,8 @@ def check_torch() -> Result:
             f"{_pip(TORCH_PIN)} --index-url https://download.pytorch.org/whl/cpu",
         )
     version = torch.__version__
-    if _version(version) < (2, 4):
-        return Result("torch", FAIL, f"{version} is older than 2.4", _pip(TORCH_PIN))
+    if _version(version) < (2, 8):
+        return Result("torch", FAIL, f"{version} is older than 2.8", _pip(TORCH_PIN))
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return Result("torch", OK, f"{version}, CUDA {torch.version.cuda}, GPU: {name}")
@@ -226,10 +226,10 @@ def check_torch() -> Result:
 
 
 def _numpy_breaks_triton(numpy_version: str, triton_version: str | None) -> bool:
-    """GUIDE §3: triton 3.6's interpreter fails at a range() loop with numpy >= 2.4."""
+    """The interpreter of triton 3.6 and older fails at a range() loop with numpy >= 2.4."""
     return (
         triton_version is not None
-        and _version(triton_version)[:2] == (3, 6)
+        and _version(triton_version)[:2] <= (3, 6)
         and _version(numpy_version) >= (2, 4)
     )
 
@@ -260,11 +260,11 @@ def check_triton() -> Result:
         return Result(
             "triton",
             WARN,
-            f"not installed: the course installs Triton on Linux x86-64 only, not on {system} "
-            f"{machine}; the FP8 and decode kernels (dsv3lite.fp8, dsv3lite.kernels) and "
-            "notebooks 04, 05 and 09 need it",
-            "run the kernel notebooks on Linux, in WSL2 on Windows, or on a hosted Linux "
-            "notebook; the other notebooks run here",
+            f"not installed: Triton has wheels for Linux only, not for {system} {machine}; "
+            "the package and every notebook run here on the kernels' torch references, and "
+            "notebooks 05 and 09 show those in place of the Triton programs",
+            "to step the Triton programs themselves, use Linux, WSL2 on Windows, Binder or "
+            "Colab",
         )
     version = triton.__version__
     torch, _ = _try_import("torch")

@@ -131,8 +131,8 @@ def test_numpy_too_new_for_triton_36(monkeypatch):
     fakes = {"numpy": Numpy, "triton": Triton}
     r = _only(doctor.check_numpy, monkeypatch, _import=lambda n: fakes.get(n) or real(n))
     assert r.status == doctor.FAIL and "pip install 'numpy<2.4'" in r.fix
-    # the same numpy with a triton that is not 3.6 is fine
-    fakes["triton"] = type("T", (), {"__version__": "3.8.0"})
+    # the same numpy with triton 3.7 or newer is fine
+    fakes["triton"] = type("T", (), {"__version__": "3.7.1"})
     assert doctor.check_numpy().status == doctor.OK
 
 
@@ -148,7 +148,7 @@ def test_triton_missing_on_linux(monkeypatch):
         _import=_without("triton"),
         _platform=lambda: ("Linux", "x86_64"),
     )
-    assert r.status == doctor.FAIL and "pip install triton==3.6.0" in r.fix
+    assert r.status == doctor.FAIL and "pip install triton==3.7.1" in r.fix
 
 
 def test_triton_missing_on_a_mac_is_a_warning(monkeypatch):
