@@ -29,7 +29,7 @@ import math
 import os
 import re
 import shutil
-import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -37,10 +37,11 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UserInputError
 from .model import DeepSeekV3
 from .model.rope import RotaryEmbedding
 
@@ -57,6 +58,7 @@ _MTP_KEY = re.compile(r"model\.mtp\.(\d+)\.(.+)")
 # Keys that describe how the weights are stored, not the model; save_pretrained rewrites them.
 _STORAGE_KEYS = ("quantization_config", "torch_dtype", "dtype")
 _MAX_LISTED = 20  # problems listed in one error message
+_LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------- FP8 blocks
@@ -158,21 +160,28 @@ class _Files:
     """A checkpoint's tensors by key, read one at a time from memory-mapped safetensors files."""
 
     def __init__(self, path: Path, stack: ExitStack) -> None:
+        self.index = path / INDEX_NAME
         self.weight_map = _weight_map(path)
         self._stack = stack
         self._handles: dict[Path, object] = {}
+        self._keys: dict[Path, set[str]] = {}
 
     def _open(self, key: str):
         file = self.weight_map[key]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, "pt"))
+            self._handles[file] = self._stack.enter_context(_safe_open(file))
+            self._keys[file] = set(self._handles[file].keys())
+        if key not in self._keys[file]:
+            raise UserInputError(
+                f"{self.index}: weight_map puts {key} in {file.name}, which holds no such tensor"
+            )
         return self._handles[file]
 
     def shape(self, key: str) -> list[int]:
         return list(self._open(key).get_slice(key).get_shape())
 
     def dtype(self, key: str) -> str:
-        """The safetensors dtype name: 'BF16', 'F32', 'F8_E4M3', ..."""
+        """The safetensors dtype name: 'BF16', 'F32', 'F8_E4M3', 'I64', 'BOOL', ..."""
         return self._open(key).get_slice(key).get_dtype()
 
     def read(self, key: str) -> torch.Tensor:
@@ -183,16 +192,42 @@ class _Files:
         return t
 
 
+def _safe_open(file: Path):
+    """safe_open, with an error naming the file when it is missing, truncated or not safetensors."""
+    if not file.is_file():
+        raise FileNotFoundError(f"no file {file}, which the checkpoint's {INDEX_NAME} lists")
+    try:
+        return safe_open(file, "pt")
+    except SafetensorError as e:
+        raise UserInputError(f"{file} is not a complete safetensors file ({e})") from None
+
+
 def _weight_map(path: Path) -> dict[str, Path]:
-    """key → file, from the index when there is one, else from the single file's header."""
+    """key → file, from the index when there is one, else from the single file's header.
+
+    The index names files, not paths: an entry such as ``../x`` or ``/etc/passwd`` would read a
+    file outside the checkpoint, so anything but a plain file name in ``path`` is refused.
+    """
     index = path / INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            data = json.loads(index.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserInputError(f"{index} is not valid JSON ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise UserInputError(f"{index} has no weight_map (a dict from tensor key to file)")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise UserInputError(
+                    f"{index}: weight_map[{key!r}] = {name!r} is not a file name inside the "
+                    "checkpoint folder"
+                )
         return {key: path / name for key, name in weight_map.items()}
     single = path / SINGLE_NAME
     if not single.exists():
         raise FileNotFoundError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}")
-    with safe_open(single, "pt") as f:
+    with _safe_open(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -211,6 +246,7 @@ def _plan(config: ModelConfig, targets: dict[str, torch.Tensor], files: _Files, 
     Keys are visited file by file, so that loading then reads one shard after the other.
     """
     plan = _Plan()
+    present = set()  # our names with a key on disk, loadable or not: not also "missing"
     for key in sorted(files.weight_map, key=lambda k: files.weight_map[k]):
         if key.endswith(SCALE_SUFFIX):
             continue  # checked with its weight
@@ -219,6 +255,12 @@ def _plan(config: ModelConfig, targets: dict[str, torch.Tensor], files: _Files, 
         if ours not in targets:
             plan.problems.append(f"unexpected key {key} (shape {found})")
             continue
+        if not is_copy:
+            present.add(ours)
+        dtype = files.dtype(key)
+        if not dtype.startswith(("F", "BF")):  # I64, U8, BOOL...: a cast would invent weights
+            plan.problems.append(f"{key} is stored as {dtype}; weights must be floating point")
+            continue
         expected = list(targets[ours].shape)
         if found != expected:
             plan.problems.append(f"{key}: expected shape {expected}, found {found}")
@@ -226,25 +268,21 @@ def _plan(config: ModelConfig, targets: dict[str, torch.Tensor], files: _Files, 
         plan.problems += _fp8_problems(key, files, fp8)
         (plan.copies if is_copy else plan.loads).append((key, ours))
     plan.problems += _orphan_scales(files)
-    plan.problems += _missing(config, targets, {ours for _, ours in plan.loads})
+    plan.problems += [
+        f"missing key {disk_key(config, name)} (expected shape {list(t.shape)})"
+        for name, t in targets.items()
+        if name not in present
+    ]
     return plan
 
 
-def _missing(config: ModelConfig, targets: dict[str, torch.Tensor], loaded: set[str]) -> list[str]:
-    """One line per tensor of the model that no key fills, in the release's spelling."""
-    missing = [name for name in targets if name not in loaded]
-    lines = [
-        f"missing key {disk_key(config, name)} (expected shape {list(targets[name].shape)})"
-        for name in missing
-    ]
-    if any(name.startswith("model.mtp.") for name in missing):
-        lines.insert(
-            0,
-            f"the checkpoint lacks the MTP weights (model.layers.{config.num_hidden_layers}.*), "
-            "as transformers' save_pretrained writes it; set num_nextn_predict_layers to 0 in "
-            "config.json to load the main model alone",
-        )
-    return lines
+def _mtp_absent(config: ModelConfig, weight_map: dict[str, Path]) -> bool:
+    """config.json asks for MTP modules but no key of layer L or beyond exists: the checkpoint
+    comes from transformers, whose save_pretrained leaves the MTP layer out."""
+    return config.num_nextn_predict_layers > 0 and not any(
+        (m := _LAYER_KEY.fullmatch(key)) and int(m[1]) >= config.num_hidden_layers
+        for key in weight_map
+    )
 
 
 def _fp8_problems(key: str, files: _Files, fp8: bool) -> list[str]:
@@ -289,20 +327,28 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
     listed = problems[:_MAX_LISTED]
     more = len(problems) - len(listed)
     tail = f"\n  ... and {more} more" if more else ""
-    raise ValueError(
+    raise UserInputError(
         f"checkpoint at {path} does not fit the model from its config.json:\n  "
         + "\n  ".join(listed)
         + tail
     )
 
 
+def _float_dtype(name: object, what: str) -> torch.dtype:
+    """A dtype to load weights in, from a torch.dtype or its name ('bfloat16', 'torch.float32')."""
+    dtype = name if isinstance(name, torch.dtype) else None
+    if isinstance(name, str):
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+    if dtype not in _LOAD_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in _LOAD_DTYPES)
+        raise UserInputError(f"{what} must be one of {allowed} (or the torch dtype), got {name!r}")
+    return dtype
+
+
 def _dtype_from_config(config: ModelConfig) -> torch.dtype:
     """config.json's torch_dtype (the release) or dtype (transformers 5), else float32."""
     name = config.extra.get("torch_dtype") or config.extra.get("dtype") or "float32"
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"config.torch_dtype must name a torch floating dtype, got {name!r}")
-    return dtype
+    return _float_dtype(name, "config.torch_dtype")
 
 
 def _empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> DeepSeekV3:
@@ -346,9 +392,9 @@ def _targets(model: DeepSeekV3) -> dict[str, torch.Tensor]:
 def _check_copy(key: str, stored: torch.Tensor, main_name: str, main: torch.Tensor) -> None:
     """The release's duplicated embedding/head must equal the main one: we keep only one."""
     stored = stored.to(device=main.device, dtype=main.dtype).float()
-    if not torch.allclose(stored, main.float(), rtol=1e-5, atol=1e-6):
+    if not torch.allclose(stored, main.float(), rtol=1e-5, atol=1e-6, equal_nan=True):
         diff = (stored - main.float()).abs().max().item()
-        raise ValueError(
+        raise UserInputError(
             f"{key} differs from {main_name} (max abs difference {diff:.3g}); this model shares "
             "one embedding and one output matrix between the main model and its MTP modules, "
             "so it cannot represent separate copies"
@@ -356,34 +402,79 @@ def _check_copy(key: str, stored: torch.Tensor, main_name: str, main: torch.Tens
 
 
 def load_pretrained(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    require_mtp: bool = False,
+    allow_nonfinite: bool = False,
 ) -> DeepSeekV3:
     """Load a checkpoint in the release's format (or transformers', or ours) into DeepSeekV3.
 
-    ``dtype`` defaults to config.json's ``torch_dtype``/``dtype`` (bfloat16 for the release),
-    else float32; FP8 weights are dequantized to it. Raises FileNotFoundError without
-    config.json, ValueError (naming each key and the expected and found shapes) when the files
-    do not fit the config, and ValueError when an MTP copy of the embedding or head differs.
+    ``dtype`` (a torch dtype or its name) defaults to config.json's ``torch_dtype``/``dtype``
+    (bfloat16 for the release), else float32; FP8 weights are dequantized to it.
+
+    transformers' save_pretrained leaves the MTP layer out while its config keeps
+    ``num_nextn_predict_layers=1``: such a checkpoint loads as the main model alone, with a
+    warning (MTP training and speculative decoding need the module), unless ``require_mtp``.
+
+    Raises FileNotFoundError without config.json or a listed file, and UserInputError (a
+    ValueError) naming the file or key for everything else: a file that is not safetensors, an
+    index entry outside the folder, keys missing, unexpected, mis-shaped or not floating point,
+    NaN or infinite weights (unless ``allow_nonfinite``), an MTP copy of the embedding or head
+    that differs from the main one.
     """
     path = Path(path)
+    if path.is_file():
+        raise UserInputError(
+            f"{path} is a file; pass the checkpoint folder that holds config.json and the weights"
+        )
     config = ModelConfig.load(path)
     qc = config.extra.get("quantization_config")
     if qc is not None:
         _validate_quantization_config(qc)
-    dtype = dtype or _dtype_from_config(config)
+    dtype = _dtype_from_config(config) if dtype is None else _float_dtype(dtype, "dtype")
     config = config.replace(extra={k: v for k, v in config.extra.items() if k not in _STORAGE_KEYS})
     device = torch.device(device)
-    model = _empty_model(config, device, dtype)
-    targets = _targets(model)
     with ExitStack() as stack, torch.no_grad():
         files = _Files(path, stack)
+        if _mtp_absent(config, files.weight_map):
+            config = _without_mtp(path, config, require_mtp)
+        model = _empty_model(config, device, dtype)
+        targets = _targets(model)
         plan = _plan(config, targets, files, fp8=qc is not None)
         _raise_problems(path, plan.problems)
+        nonfinite = []
         for key, name in plan.loads:
-            targets[name].copy_(files.read(key))
+            if not targets[name].copy_(files.read(key)).isfinite().all():
+                nonfinite.append(key)
+        if nonfinite and not allow_nonfinite:
+            raise UserInputError(
+                f"checkpoint at {path} holds NaN or infinite values in {len(nonfinite)} "
+                f"tensor(s): {', '.join(nonfinite[:_MAX_LISTED])} "
+                "(allow_nonfinite=True loads it anyway)"
+            )
         for key, name in plan.copies:
             _check_copy(key, files.read(key), name, targets[name])
     return model.eval()
+
+
+def _without_mtp(path: Path, config: ModelConfig, require_mtp: bool) -> ModelConfig:
+    """The config of the main model alone, for a checkpoint without its MTP layer; say so."""
+    layers = f"model.layers.{config.num_hidden_layers}.*"
+    if require_mtp:
+        raise UserInputError(
+            f"checkpoint at {path} holds no MTP weights ({layers}) although config.json has "
+            f"num_nextn_predict_layers={config.num_nextn_predict_layers}; transformers' "
+            "save_pretrained leaves them out"
+        )
+    warnings.warn(
+        f"checkpoint at {path} holds no MTP weights ({layers}), as transformers writes it: "
+        "loading the main model alone (num_nextn_predict_layers=0), so MTP training and "
+        "speculative decoding are off; require_mtp=True refuses such checkpoints",
+        stacklevel=3,
+    )
+    return config.replace(num_nextn_predict_layers=0)
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -476,13 +567,26 @@ def save_pretrained(
     Tensors keep their dtype; with ``fp8=True`` the decoder's Linear weights are stored as the
     release stores them (E4M3 + a float32 scale per 128×128 block). More than ``max_shard_size``
     bytes in all (an int, or a string like '5GB') → numbered shards and an index. Other files in
-    an existing checkpoint directory (a tokenizer, say) are kept.
+    an existing checkpoint directory (a tokenizer, say) are kept. One writer per ``path`` at a
+    time: a save first clears what an earlier, killed one left behind.
     """
-    path = Path(path)
+    with _atomic_dir(Path(path)) as tmp:
+        write_model_files(model, tmp, max_shard_size=max_shard_size, fp8=fp8)
+
+
+def write_model_files(
+    model: DeepSeekV3,
+    folder: Path,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    fp8: bool = False,
+) -> None:
+    """config.json and the safetensors files of ``model`` into the existing ``folder``, not
+    atomically: save_pretrained makes a folder atomic around it, and the trainer, whose
+    checkpoints hold more files, does the same in ``train/resume.py``."""
     shards = _shards(_entries(model, fp8), parse_size(max_shard_size))
-    with _atomic_dir(path) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(_config_json(model, fp8), indent=2) + "\n")
-        _write_shards(tmp, shards)
+    (folder / CONFIG_NAME).write_text(json.dumps(_config_json(model, fp8), indent=2) + "\n")
+    _write_shards(folder, shards)
 
 
 def _write_shards(folder: Path, shards: list[list[_Entry]]) -> None:
@@ -509,34 +613,36 @@ def _is_ours(name: str) -> bool:
 
 @contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to fill; on success it replaces ``path``.
+    """Yield ``.name.tmp``, a fresh sibling of ``path`` to fill; on success it replaces ``path``.
 
     Rename is atomic within a filesystem, so ``path`` holds either the old directory or the
     complete new one; everything is fsynced first, so a crash after the rename cannot expose
-    empty files either. An existing target is renamed aside and deleted after: a crash between
-    the two renames leaves the old checkpoint under ``.name.tmp-*.old``, never a half-written
-    one at ``path``. On any error the temporary directory is removed.
+    empty files either. An existing target is renamed to ``.name.old`` and deleted after the
+    second rename. A save killed before the renames leaves ``.name.tmp``, deleted by the next
+    save; one killed between them leaves the old checkpoint at ``.name.old`` and nothing at
+    ``path``, and the next save first puts it back. On an error (not a kill) the temporary
+    directory is removed.
     """
+    tmp, aside = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    if aside.exists():
+        if path.exists():  # killed after the second rename: the new checkpoint is in place
+            shutil.rmtree(aside)
+        else:
+            os.rename(aside, path)
     if path.exists() and not (path.is_dir() and _replaceable(path)):
         raise FileExistsError(f"{path} exists and is not a checkpoint directory; not replacing it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         yield tmp
         if path.exists():
             _carry_over(path, tmp)
-        _fsync_tree(tmp)
-        _replace(tmp, path)
+        fsync_tree(tmp)
+        _replace(tmp, path, aside)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replaceable(path: Path) -> bool:
@@ -555,13 +661,13 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copy2(entry, new / entry.name)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush every file and directory under ``root`` (root included) to disk."""
     for p in [*root.rglob("*"), root]:
-        _fsync(p)
+        fsync_path(p)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's data, or a directory's entries (renames, new names), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -570,9 +676,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``, moving an existing ``path`` aside and deleting it after."""
-    aside = tmp.with_name(tmp.name + ".old")
+def _replace(tmp: Path, path: Path, aside: Path) -> None:
+    """Rename ``tmp`` to ``path``, moving an existing ``path`` to ``aside`` and deleting it after."""
     if path.exists():
         os.rename(path, aside)
     try:
@@ -581,5 +686,5 @@ def _replace(tmp: Path, path: Path) -> None:
         if aside.exists():
             os.rename(aside, path)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(aside, ignore_errors=True)

@@ -228,18 +228,28 @@ def test_mtp_layer_beyond_the_config_is_unexpected(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_checkpoint_without_mtp_weights_says_what_to_do(tmp_path):
-    """transformers' save_pretrained drops the MTP layer: name the keys, suggest the fix."""
+def test_checkpoint_without_mtp_weights_loads_the_main_model(tmp_path):
+    """transformers' save_pretrained drops the MTP layer: the main model loads, with a warning,
+    or require_mtp refuses it."""
+    model = _model()
+    save_pretrained(model, tmp_path)
+    _rewrite(tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.2.")])
+    with pytest.warns(UserWarning, match=r"no MTP weights \(model\.layers\.2\.\*\).*speculative"):
+        loaded = load_pretrained(tmp_path)
+    assert loaded.config.num_nextn_predict_layers == 0 and len(loaded.model.mtp) == 0
+    ids = _ids(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    with pytest.raises(ValueError, match=r"holds no MTP weights \(model\.layers\.2\.\*\)"):
+        load_pretrained(tmp_path, require_mtp=True)
+
+
+def test_partial_mtp_layer_is_named_as_missing(tmp_path):
     save_pretrained(_model(), tmp_path)
-    _rewrite(
-        tmp_path,
-        lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.2.")],
-    )
-    with pytest.raises(ValueError, match=r"num_nextn_predict_layers to 0") as err:
+    key = "model.layers.2.eh_proj.weight"
+    _rewrite(tmp_path, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"missing key {key} \(expected shape \[64, 128\]\)"):
         load_pretrained(tmp_path)
-    assert "missing key model.layers.2.self_attn.q_a_proj.weight (expected shape [32, 64])" in str(
-        err.value
-    )
 
 
 @pytest.mark.parametrize("copy", ["embed_tokens.weight", "shared_head.head.weight"])
