@@ -1,4 +1,4 @@
-"""Command line: ``python -m dsv3lite {demo,train,generate,bench,doctor} ...``
+"""Command line: ``python -m dsv3lite {demo,train,generate,bench,convert,doctor} ...``
 (also installed as ``dsv3lite``).
 
 Thin on purpose: it parses arguments and hands over to the module that does the work, imported
@@ -57,6 +57,20 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .generate_cli import run
 
     return run(args, parser)
+
+
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .convert import to_hf, to_official
+
+    if args.to == "official":
+        if args.config is not None:
+            parser.error("--config applies to --to hf only (--to official reads config.json)")
+        to_official(args.src, args.dst, mp=args.mp)
+    elif args.mp != 1:
+        parser.error("--mp applies to --to official only (--to hf reads every rank's file)")
+    else:
+        to_hf(args.src, args.dst, config=args.config)
+    return 0
 
 
 def _docs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -119,6 +133,22 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="small shapes and few repetitions (smoke test)"
     )
     bench.set_defaults(func=_bench)
+
+    convert = commands.add_parser(
+        "convert", help="the release's format <-> DeepSeek's inference format (model{i}-mp{n})"
+    )
+    convert.add_argument("src", help="checkpoint folder to read")
+    convert.add_argument("dst", help="new folder to write (must not exist or be empty)")
+    convert.add_argument("--to", choices=("official", "hf"), required=True, help="target format")
+    convert.add_argument(
+        "--mp", type=int, default=1, help="--to official: model-parallel ranks (default 1)"
+    )
+    convert.add_argument(
+        "--config",
+        default=None,
+        help="--to hf: DeepSeek's ModelArgs JSON, if SRC has no model_args.json",
+    )
+    convert.set_defaults(func=_convert)
 
     doctor = commands.add_parser(
         "doctor", help="check that this machine is ready for the course, with a fix per problem"

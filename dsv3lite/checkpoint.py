@@ -429,6 +429,9 @@ def load_pretrained(
         raise UserInputError(
             f"{path} is a file; pass the checkpoint folder that holds config.json and the weights"
         )
+    from .convert import reject_official  # here: convert.py builds on this module
+
+    reject_official(path)  # DeepSeek's inference format: say how to convert it
     config = ModelConfig.load(path)
     qc = config.extra.get("quantization_config")
     if qc is not None:
