@@ -457,6 +457,11 @@ def to_hf(
     checks the result as load_pretrained would before it appears at ``dst``.
     """
     src, dst = Path(src), Path(dst)
+    if not is_official(src):
+        raise UserInputError(
+            f"{src} holds no model{{i}}-mp{{n}}.safetensors: it is not in DeepSeek's inference "
+            "format (--to official converts from the release's format)"
+        )
     _check_free(dst)
     args_path = Path(config) if config is not None else src / ARGS_NAME
     if not args_path.is_file():
@@ -495,8 +500,6 @@ def to_hf(
 
 def _open_ranks(src: Path, stack: ExitStack) -> list[dict]:
     """Per rank, key → slice over its model (and MTP) file; every rank 0..mp-1 must be there."""
-    if not src.is_dir():
-        raise UserInputError(f"{src} is not a folder in DeepSeek's inference format")
     found = [m for p in src.iterdir() if (m := _RANK_FILE.fullmatch(p.name))]
     counts = {int(m[3]) for m in found}
     if len(counts) != 1:

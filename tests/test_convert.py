@@ -286,3 +286,5 @@ def test_cli_converts_both_ways(tmp_path):
     done = _cli(tmp_path / "official", tmp_path / "x", "--to", "official")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "looks like DeepSeek's inference format" in done.stderr
+    done = _cli(tmp_path / "hf", tmp_path / "x", "--to", "hf")
+    assert done.returncode == 2 and "is not in DeepSeek's inference format" in done.stderr
