@@ -14,6 +14,7 @@ import torch
 
 import dsv3lite
 from dsv3lite.train import TrainConfig, train
+from dsv3lite.train.resume import load_state, newest_complete
 
 FAST = dict(batch_size=4, seq_len=32, log_every=2, eval_every=4, eval_batches=2, progress=False)
 
@@ -80,6 +81,15 @@ def test_bad_runs_are_refused(tmp_path, short_run):
         train(TrainConfig(out=str(tmp_path / "empty")), resume=True)
 
 
+def _saved_step(out: Path) -> int:
+    """The step --resume would start from (0 while there is no checkpoint)."""
+    try:
+        last = newest_complete(out / "last")
+        return 0 if last is None else load_state(last)["step"]
+    except FileNotFoundError:  # renamed by the running save between the two calls
+        return 0
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """SIGKILL mid-run: the last checkpoint survives, and --resume ends exactly where an
@@ -89,17 +99,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
     proc = _cli("--out", killed, *flags, env=env)
-    state = killed / "last" / "trainer_state.pt"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if state.exists() and torch.load(state, weights_only=False)["step"] >= 6:
-            break
+    while time.time() < deadline and _saved_step(killed) < 6:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = torch.load(state, weights_only=False)["step"]
+    step = _saved_step(killed)
     assert 6 <= step < 12, "the run was not interrupted mid-way"
-    assert dsv3lite.load_pretrained(killed / "last")  # the surviving checkpoint is complete
+    assert dsv3lite.load_pretrained(newest_complete(killed / "last"))  # it is complete
     resumed = _cli("--out", killed, *flags, "--resume", env=env)
     assert resumed.wait(timeout=120) == 0, resumed.stdout.read()
     clean = tmp_path / "clean"

@@ -104,7 +104,7 @@ def test_torchrun_ep_trains_saves_and_resumes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows)
     model = dsv3lite.load_pretrained(out / "final")  # the experts gathered: a full checkpoint
     assert [len(m.experts) for m in model.moe_layers()] == [16] * 4
-    state = torch.load(out / "last" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["other_ranks"]) == 1
 
     # --resume with the same --ep, on the Python API's ranks (cheaper to start than torchrun)

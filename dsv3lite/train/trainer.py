@@ -4,7 +4,8 @@
 
 One optimizer step per batch; after it, the aux-loss-free bias update from that step's routing.
 Everything a restart needs (weights, optimizer, step, random states) is written atomically to
-``out/last`` every ``ckpt_every`` steps, so a killed run resumes where its last checkpoint left.
+``out/last`` every ``ckpt_every`` steps, so a killed run resumes where its last checkpoint left
+(``resume.py`` says what survives a kill, and why a run folder's files never run code).
 
 The same loop trains on several processes under torchrun (``--ep N``: expert parallelism,
 ``--pp N``: a 1F1B pipeline): what differs lives in ``distributed.py``, behind a ``Parallel``.
@@ -18,8 +19,8 @@ import json
 import math
 import os
 import re
-import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..accounting import count_parameters, format_count
-from ..checkpoint import load_pretrained, save_pretrained
+from ..checkpoint import load_pretrained, write_model_files
 from ..config import atomic_write_text, preset
 from ..errors import UserInputError, check_bool, check_int, check_number
 from ..model import DeepSeekV3
@@ -38,6 +39,7 @@ from .balance import BALANCE_MODES, max_violation, sequence_balance_loss, update
 from .data import TokenData, load_tokenizer, read_corpus, train_tokenizer
 from .distributed import Parallel, setup_parallel
 from .plots import plot_run
+from .resume import MARKER, load_state, newest_complete, save_atomically, save_state
 from .schedule import lr_at
 
 # Fields that may change between a run and its --resume; any other difference is refused.
@@ -197,17 +199,19 @@ def train(
     cfg.validate()
     par = setup_parallel(cfg)
     out = Path(cfg.out)
-    last = _existing_checkpoint(out)
+    last = newest_complete(out / "last")
     if resume and last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out}/last to resume from")
-    if not resume and last is not None:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint under {out} to resume from (a last/ holding {MARKER})"
+        )
+    if not resume and (last is not None or (out / "last").exists()):  # never overwrite a run
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
 
     device = par.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     text = read_corpus(cfg.data)
     if resume:
-        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        state = load_state(last)
         _check_same_run(state["train_config"], cfg)
         model = load_pretrained(last, device=device, dtype=torch.float32)
         tok = load_tokenizer(last, model.config.vocab_size)
@@ -272,7 +276,7 @@ def train(
             _save_checkpoint(out / "last", par, model, tok, opt, gen, step, cfg)
     bar.close()
     final = out / "final"
-    _save_model(final, par, model, tok)
+    _save_model(final, par, model, tok, step)
     plots = plot_run(metrics_path, out / "plots") if par.is_main else []
     par.close()
     return RunResult(out, step, val_loss, entropy, metrics_path, plots, final)
@@ -403,21 +407,22 @@ def _optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def _save_model(
-    path: Path, par: Parallel, model: DeepSeekV3, tok, state: dict | None = None
+    path: Path, par: Parallel, model: DeepSeekV3, tok, step: int, state: dict | None = None
 ) -> None:
     """config.json + safetensors + tokenizer.json (+ trainer_state.pt), so the folder stands
-    alone; written to a temp folder, then swapped in. Every rank calls it, rank 0 writes the
+    alone; saved atomically, as resume.py describes. Every rank calls it, rank 0 writes the
     complete model."""
     full = par.full_model(model)
     if full is None:
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(full, tmp)
-    tok.save(str(tmp / "tokenizer.json"))
-    if state is not None:
-        torch.save(state, tmp / "trainer_state.pt")
-    _swap_in(tmp, path)
+
+    def write(folder: Path) -> None:
+        write_model_files(full, folder)
+        tok.save(str(folder / "tokenizer.json"))
+        if state is not None:
+            save_state(folder, state)
+
+    save_atomically(path, step, write)
 
 
 def _save_checkpoint(
@@ -437,26 +442,7 @@ def _save_checkpoint(
         state = {"step": step, **ranks[0], "train_config": dataclasses.asdict(cfg)}
         if len(ranks) > 1:
             state["other_ranks"] = ranks[1:]
-    _save_model(path, par, model, tok, state)
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace ``path`` by ``tmp`` so that a crash at any moment leaves one complete copy:
-    the old one moves to ``path.old`` first and is removed only after the rename."""
-    old = path.with_name(f"{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _existing_checkpoint(out: Path) -> Path | None:
-    """out/last, or out/last.old when a crash hit between the two renames of ``_swap_in``."""
-    for name in ("last", "last.old"):
-        if (out / name / "trainer_state.pt").exists():
-            return out / name
-    return None
+    _save_model(path, par, model, tok, step, state)
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
@@ -473,10 +459,20 @@ def _check_same_run(saved: dict, cfg: TrainConfig) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop rows logged after the checkpoint we resume from (they will be logged again), and a
+    last line that a kill cut short in mid-write (with a warning)."""
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
+    lines = [line for line in path.read_text().splitlines() if line]
+    keep = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines):
+                raise UserInputError(f"{path}, line {i}: not a JSON row; repair it") from None
+            warnings.warn(f"{path}: dropped its last line, cut short: {line[:60]!r}", stacklevel=2)
+            break
+        if row["step"] <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
