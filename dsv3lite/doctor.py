@@ -263,8 +263,7 @@ def check_triton() -> Result:
             f"not installed: Triton has wheels for Linux only, not for {system} {machine}; "
             "the package and every notebook run here on the kernels' torch references, and "
             "notebooks 05 and 09 show those in place of the Triton programs",
-            "to step the Triton programs themselves, use Linux, WSL2 on Windows, Binder or "
-            "Colab",
+            "to step the Triton programs themselves, use Linux, WSL2 on Windows, Binder or Colab",
         )
     version = triton.__version__
     torch, _ = _try_import("torch")
