@@ -39,7 +39,8 @@ $(BIN)/python:
 	$(PIP) --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(if $(TORCH_SPEC),$(PIP) $(TORCH_SPEC) $(if $(OFFLINE),,$(TORCH_INDEX)))
+	@# --retries 2: where the CPU index cannot be reached (mirrors, closed networks) pip moves on in seconds
+	$(if $(TORCH_SPEC),$(PIP) $(TORCH_SPEC) $(if $(OFFLINE),,$(TORCH_INDEX) $(if $(TORCH_INDEX),--retries 2,)))
 	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
