@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,17 @@ def test_notebook_runs_without_triton(tmp_path: Path, name: str) -> None:
     outputs = json.loads((tmp_path / f"{name}.ipynb").read_text())["cells"]
     text = json.dumps([c.get("outputs", []) for c in outputs])
     assert "Triton is not installed" in text and "torch reference" in text
+
+
+# ------------------------------------------------------------------------------ the wheel
+@pytest.mark.slow
+def test_wheel_ships_the_kernels_and_the_recorded_results(tmp_path: Path) -> None:
+    """What a non-editable install gets: dsv3lite.kernels (from kernels/) and the benchmark
+    JSON the notebooks read through importlib.resources."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path)]
+    subprocess.run([*cmd, str(ROOT)], check=True, timeout=600, capture_output=True)
+    (wheel,) = tmp_path.glob("dsv3lite-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"dsv3lite/kernels/_triton.py", "dsv3lite/kernels/mla_decode.py"} <= names
+    recorded = {p.name for p in (ROOT / "dsv3lite" / "results").glob("*.json")}
+    assert recorded and {f"dsv3lite/results/{n}" for n in recorded} <= names
