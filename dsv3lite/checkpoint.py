@@ -42,11 +42,10 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import UserInputError
+from .fp8.quant import BLOCK, weight_dequant, weight_quant
 from .model import DeepSeekV3
 from .model.rope import RotaryEmbedding
 
-BLOCK = 128  # the release's weight_block_size: one scale per 128×128 block
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: the largest finite E4M3 value
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -62,33 +61,6 @@ _LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---------------------------------------------------------------------------------- FP8 blocks
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-quantize a 2-D weight to E4M3: returns (q, scale_inv) with w ≈ q · scale_inv.
-
-    Each 128×128 block gets scale amax/448, so its largest entry lands on E4M3's largest value;
-    edge blocks of a dimension that is not a multiple of 128 are smaller and scaled on their own
-    (the zero padding never raises a block's amax). An all-zero block keeps scale 1.
-    """
-    n, k = w.shape
-    nb, kb = math.ceil(n / BLOCK), math.ceil(k / BLOCK)
-    padded = nn.functional.pad(w.detach().float(), (0, kb * BLOCK - k, 0, nb * BLOCK - n))
-    blocks = padded.view(nb, BLOCK, kb, BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    # The clamp guards the rounding of amax/scale: an E4M3 cast above 448 gives NaN, not 448.
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.view(nb * BLOCK, kb * BLOCK)[:n, :k].to(torch.float8_e4m3fn)
-    return q.contiguous(), scale
-
-
-def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """q · scale_inv, each scale broadcast over its 128×128 block (ragged edges included); fp32."""
-    n, k = q.shape
-    s = scale_inv.float().repeat_interleave(BLOCK, dim=0)[:n]
-    s = s.repeat_interleave(BLOCK, dim=1)[:, :k]
-    return q.float() * s
-
-
 def scale_shape(shape: tuple[int, ...] | list[int]) -> list[int]:
     """The shape of weight_scale_inv for a weight of ``shape``: one entry per (partial) block."""
     return [math.ceil(d / BLOCK) for d in shape]
@@ -105,7 +77,7 @@ def _fp8_config() -> dict:
 
 
 def _validate_quantization_config(qc: object) -> None:
-    """Accept only what ``dequantize_weight`` implements; name the field otherwise."""
+    """Accept only what ``weight_dequant`` implements; name the field otherwise."""
     if not isinstance(qc, dict):
         raise ValueError(f"config.quantization_config must be a dict, got {qc!r}")
     for name, allowed in _fp8_config().items():
@@ -188,7 +160,7 @@ class _Files:
         """The tensor at ``key``, dequantized to fp32 when it is stored in FP8."""
         t = self._open(key).get_tensor(key)
         if t.dtype == torch.float8_e4m3fn:
-            t = dequantize_weight(t, self._open(key + SCALE_SUFFIX).get_tensor(key + SCALE_SUFFIX))
+            t = weight_dequant(t, self._open(key + SCALE_SUFFIX).get_tensor(key + SCALE_SUFFIX))
         return t
 
 
@@ -501,7 +473,7 @@ class _Entry:
         """The tensors to write: on the CPU, contiguous, quantized if asked."""
         t = self.tensor.detach()
         if self.fp8:
-            q, scale = quantize_weight(t)
+            q, scale = weight_quant(t.float())  # 128×128 blocks: weight_scale_inv
             return {self.key: q.cpu(), self.key + SCALE_SUFFIX: scale.cpu()}
         return {self.key: t.to("cpu", copy=self.clone).contiguous()}
 

@@ -11,23 +11,15 @@ uses (Figure 7a):
   Wgrad reduces over tokens, and a GEMM wants its reduction dimension contiguous, so this
   kernel writes the *transposed* codes (channels × tokens) in the same pass: the fused
   quantize-and-transpose that §3.5.2 asks hardware for, done here in software;
-* ``weight_quant`` — weights, 128×128 blocks.
+* ``weight_quant`` — weights, 128×128 blocks (of one matrix, or of each of stacked experts').
 
 Why groups and not one scale per tensor: an outlier sets the scale of everything that shares
 it. With one scale per 1×128 tile an outlier channel only coarsens the 127 neighbours in its
 own tile (see ``dsv3lite/fp8/numerics.py``).
 
-Policies, the same in every kernel and in the torch references beside them:
-
-* a group of zeros gets ``s = 1`` (and codes 0), never a division by zero;
-* ``scale_fmt="ue8m0"`` rounds each scale *up* to a power of two (an 8-bit exponent, no
-  mantissa, as Blackwell's block-scaled formats store it). Rounding up keeps ``|x / s| ≤ 448``;
-  dividing by a power of two is exact, so only the E4M3 rounding remains;
-* non-finite inputs are neither an error nor silently dropped. A NaN stays NaN (E4M3 has a
-  NaN code), so a diverged step still shows in the loss; ±Inf saturates to ±448, i.e. to the
-  largest finite magnitude of its group, as the hardware's ``cvt.rn.satfinite`` conversion
-  does. The scale is computed from the group's finite values, so one bad element does not
-  flush its neighbours to zero. Raising instead would cost a host synchronisation per call.
+The rules every quantizer follows (a zero group, ±Inf, NaN, UE8M0 scales) are documented
+once, in ``dsv3lite/fp8/quant.py``, the API the rest of the package calls; the torch references
+here and the kernels implement them alike.
 
 Rounding. GPUs round float32 → E4M3 to nearest-even; so does torch. Triton's CPU interpreter
 (``TRITON_INTERPRET=1``) does not: it rounds ties up, truncates subnormals and turns values
@@ -62,8 +54,8 @@ def check_scale_fmt(scale_fmt: str | None) -> None:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
 
 
-def check_input(x: torch.Tensor, name: str, dims: int | None = None) -> None:
-    """A floating tensor in a format we read (not FP8 already), of ``dims`` dimensions."""
+def check_input(x: torch.Tensor, name: str) -> None:
+    """A floating tensor in a format we read (not FP8 already), with a non-empty last dim."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (
         torch.float32,
         torch.bfloat16,
@@ -71,10 +63,15 @@ def check_input(x: torch.Tensor, name: str, dims: int | None = None) -> None:
     ):
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a float32, bfloat16 or float16 tensor, got {got}")
-    if dims is not None and x.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty last dimension, got {tuple(x.shape)}")
+
+
+def check_weight(w: torch.Tensor) -> None:
+    """A weight [N, K], or stacked experts' weights [E, N, K]."""
+    check_input(w, "w")
+    if w.dim() not in (2, 3):
+        raise ValueError(f"w must be 2-D [N, K] or 3-D [E, N, K], got shape {tuple(w.shape)}")
 
 
 def _check_out(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> None:
@@ -92,39 +89,58 @@ def _finite_amax(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     return torch.where(torch.isfinite(a), a, 0.0).amax(dim)
 
 
-def scale_from_amax(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
-    """s = amax / 448, optionally rounded up to a power of two; 1 for an all-zero group.
+def scale_from_amax(
+    amax: torch.Tensor, scale_fmt: str | None = None, fmt_max: float = FP8_MAX
+) -> torch.Tensor:
+    """s = amax / fmt_max (448 for E4M3), optionally rounded up to a power of two; 1 for an
+    all-zero group.
 
     The power-of-two rounding works on the bits: adding 2^23 - 1 to a positive float32 carries
     into the exponent unless the mantissa is already zero; clearing the mantissa then leaves
     2^ceil(log2 s). The kernels do the same, so both round identically.
     """
-    s = amax.float() / FP8_MAX
+    s = amax.float() / fmt_max
     if scale_fmt == "ue8m0":
         s = ((s.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
     return torch.where(s > 0, s, 1.0)
 
 
-def encode_ref(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """E4M3 codes of x / s: saturated to ±448 (Inf included), NaN kept, rounded to nearest."""
-    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+def encode_ref(x: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = FP8) -> torch.Tensor:
+    """Codes of x / s in ``dtype``: saturated to its largest finite value (Inf included), NaN
+    kept, rounded to nearest."""
+    fmt_max = torch.finfo(dtype).max
+    return (x.float() / s).clamp(-fmt_max, fmt_max).to(dtype)
+
+
+def group_quant_ref(
+    x: torch.Tensor,
+    rows: int,
+    cols: int,
+    scale_fmt: str | None = None,
+    dtype: torch.dtype = FP8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one quantizer behind every grouping: x [..., M, K] in groups of rows × cols over
+    the last two dims → codes like x and s [..., ceil(M / rows), ceil(K / cols)] float32.
+
+    Edge groups of a dimension that is not a multiple of the group are smaller; the zero
+    padding used to compute them never raises a group's amax. ``dtype`` is E4M3 everywhere in
+    the package; the numerics study also asks what E5M2 would give, hence the argument.
+    """
+    *lead, m, k = x.shape
+    mb, kb = math.ceil(m / rows), math.ceil(k / cols)
+    xp = torch.nn.functional.pad(x.float(), (0, kb * cols - k, 0, mb * rows - m))
+    groups = xp.view(*lead, mb, rows, kb, cols)
+    s = scale_from_amax(_finite_amax(groups, (-3, -1)), scale_fmt, torch.finfo(dtype).max)
+    q = encode_ref(groups, s[..., :, None, :, None], dtype).view(*lead, mb * rows, kb * cols)
+    return q[..., :m, :k].contiguous(), s
 
 
 def act_quant_ref(
     x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """1×block tiles along the last dim: q like x (E4M3), s [..., ceil(K / block)] float32.
-
-    A last dimension that is not a multiple of the block gets a shorter last tile; the zero
-    padding used to compute it never raises a tile's amax.
-    """
-    k = x.shape[-1]
-    groups = math.ceil(k / block_size)
-    xp = torch.nn.functional.pad(x.float(), (0, groups * block_size - k))
-    xp = xp.view(*x.shape[:-1], groups, block_size)
-    s = scale_from_amax(_finite_amax(xp, -1), scale_fmt)
-    q = encode_ref(xp, s[..., None]).view(*x.shape[:-1], groups * block_size)[..., :k]
-    return q.contiguous(), s
+    """1×block tiles along the last dim: q like x (E4M3), s [..., ceil(K / block)] float32."""
+    q, s = group_quant_ref(x.reshape(-1, 1, x.shape[-1]), 1, block_size, scale_fmt)
+    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
 def act_quant_t_ref(
@@ -144,20 +160,16 @@ def act_quant_t_ref(
 def weight_quant_ref(
     w: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """block×block blocks: q like w (E4M3), s [ceil(N / block), ceil(K / block)] float32."""
-    n, k = w.shape
-    nb, kb = math.ceil(n / block_size), math.ceil(k / block_size)
-    wp = torch.nn.functional.pad(w.float(), (0, kb * block_size - k, 0, nb * block_size - n))
-    blocks = wp.view(nb, block_size, kb, block_size)
-    s = scale_from_amax(_finite_amax(blocks, (1, 3)), scale_fmt)
-    q = encode_ref(blocks, s[:, None, :, None]).view(nb * block_size, kb * block_size)
-    return q[:n, :k].contiguous(), s
+    """block×block blocks: w [N, K] or stacked experts [E, N, K] → q like w (E4M3) and
+    s [(E,) ceil(N / block), ceil(K / block)] float32, each expert's blocks its own."""
+    return group_quant_ref(w, block_size, block_size, scale_fmt)
 
 
 def expand_scales(s: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """One scale per (block[0] × block[1]) group, broadcast back to every element of ``shape``."""
-    s = s.float().repeat_interleave(block[0], dim=0)[: shape[0]]
-    return s.repeat_interleave(block[1], dim=1)[:, : shape[1]]
+    """One scale per (block[0] × block[1]) group of the last two dims, broadcast back to every
+    element of ``shape`` (those two dims); leading dims (stacked experts) pass through."""
+    s = s.float().repeat_interleave(block[0], dim=-2)[..., : shape[0], :]
+    return s.repeat_interleave(block[1], dim=-1)[..., : shape[1]]
 
 
 def act_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK) -> torch.Tensor:
@@ -168,8 +180,9 @@ def act_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK) -> to
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = BLOCK) -> torch.Tensor:
-    """q · s for block×block blocks (the inverse of ``weight_quant``), float32."""
-    return q.float() * expand_scales(s, tuple(q.shape), (block_size, block_size))
+    """q · s for block×block blocks (the inverse of ``weight_quant``), float32, [N, K] or
+    stacked [E, N, K]."""
+    return q.float() * expand_scales(s, tuple(q.shape[-2:]), (block_size, block_size))
 
 
 # ------------------------------------------------------------------------------ Triton
@@ -214,7 +227,7 @@ def _round_to_e4m3(y):
 
 @triton.jit
 def _encode_tl(x, s, INTERPRET: tl.constexpr):
-    """E4M3 codes (as uint8) of x / s: saturated, rounded, NaN kept (see the module text).
+    """E4M3 codes (as uint8) of x / s: saturated, rounded, NaN kept (``dsv3lite.fp8.quant``).
 
     On a GPU the cast itself rounds to nearest-even (cvt.rn.satfinite); the bit-level rounding
     is needed only by the interpreter, and costs half the bandwidth on an H200 (measured:
@@ -290,7 +303,8 @@ def _act_quant_t_kernel(
     tl.store(s_ptr + chans * stride_sk + group, s, mask=chans < K)
 
 
-# 128×128 weight blocks: one program per block, one scale per program.
+# 128×128 weight blocks: one program per block, one scale per program; the third grid axis
+# walks stacked experts, each a weight of its own.
 @triton.jit
 def _weight_quant_kernel(
     w_ptr,
@@ -298,23 +312,28 @@ def _weight_quant_kernel(
     s_ptr,
     N,
     K,
+    stride_we,
     stride_wn,
+    stride_qe,
     stride_qn,
+    stride_se,
     stride_sn,
     GROUP: tl.constexpr,
     UE8M0: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_k, pid_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * GROUP + tl.arange(0, GROUP)
     cols = pid_k * GROUP + tl.arange(0, GROUP)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
+    w_ptr += pid_e.to(tl.int64) * stride_we
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
     w = w.to(tl.float32)
     s = _scale_tl(_finite_amax_tl(w, None), UE8M0)
     code = _encode_tl(w, s, INTERPRET)
+    q_ptr += pid_e.to(tl.int64) * stride_qe
     tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], code, mask=mask)
-    tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
+    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k, s)
 
 
 def check_device(t: torch.Tensor) -> None:
@@ -428,33 +447,39 @@ def weight_quant_triton(
     scale_fmt: str | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``weight_quant``: same contract as ``weight_quant_ref``; writes into ``out``."""
-    check_input(w, "w", dims=2)
+    """Triton ``weight_quant``: same contract as ``weight_quant_ref`` ([N, K] or stacked
+    [E, N, K]); writes into ``out`` if given."""
+    check_weight(w)
     check_block_size(block_size)
     check_scale_fmt(scale_fmt)
     check_device(w)
-    if w.stride(-1) != 1:
+    if not w.is_contiguous():
         w = w.contiguous()
-    n, k = w.shape
+    w3 = w.view(-1, *w.shape[-2:])
+    e, n, k = w3.shape
     nb, kb = math.ceil(n / block_size), math.ceil(k / block_size)
+    lead = tuple(w.shape[:-2])
     if out is None:
         out = (
-            torch.empty(n, k, dtype=FP8, device=w.device),
-            torch.empty(nb, kb, dtype=torch.float32, device=w.device),
+            torch.empty(w.shape, dtype=FP8, device=w.device),
+            torch.empty(*lead, nb, kb, dtype=torch.float32, device=w.device),
         )
     q, s = out
-    _check_out(q, FP8, (n, k), "q")
-    _check_out(s, torch.float32, (nb, kb), "s")
-    if n == 0:
+    _check_out(q, FP8, tuple(w.shape), "q")
+    _check_out(s, torch.float32, (*lead, nb, kb), "s")
+    if n == 0 or e == 0:
         return q, s
-    _weight_quant_kernel[(nb, kb)](
-        w,
+    _weight_quant_kernel[(nb, kb, e)](
+        w3,
         q.view(torch.uint8),
         s,
         n,
         k,
-        w.stride(0),
+        n * k,
         k,
+        n * k,
+        k,
+        nb * kb,
         kb,
         GROUP=block_size,
         UE8M0=scale_fmt == "ue8m0",

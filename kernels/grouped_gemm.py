@@ -26,9 +26,9 @@ of them tiny at decode time. Instead:
 
 ``grouped_gemm_fp8`` is the same kernel on E4M3 operands with the report's fine-grained
 scaling (§3.3.2): 1×128 tiles of activations and 128×128 blocks of weights, each 128-deep
-partial product scaled and added to an fp32 accumulator. It is self-contained, with plain-torch
-quantizers for tests and benchmarks (the fast quantization kernels live in
-``kernels/fp8_quant.py``).
+partial product scaled and added to an fp32 accumulator. Its operands come from the package's
+one quantizer, ``dsv3lite.fp8``: ``act_quant`` for the rows, ``weight_quant`` for the stacked
+expert weights.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from ._triton import INTERPRETED, require, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite E4M3 value
 SMEM_BYTES = 200 * 1024  # of the H200's 227 KiB per block, with room for the epilogue
 
 
@@ -266,9 +265,10 @@ def grouped_gemm_fp8(
 
     Args:
         x: [rows, K] float8_e4m3fn with ``x_scales`` [rows, K/128] fp32: x ≈ x_q · s per 1×128
-            tile (``quantize_fp8_rows``). Quantize before permuting: ``src_rows`` gathers both.
+            tile (``dsv3lite.fp8.act_quant``). Quantize before permuting: ``src_rows`` gathers
+            both.
         w: [E, N, K] float8_e4m3fn with ``w_scales`` [E, ⌈N/128⌉, K/128] fp32 per 128×128 block
-            (``quantize_fp8_blocks``; the release's ``weight_scale_inv``).
+            (``dsv3lite.fp8.weight_quant``; the release's ``weight_scale_inv``).
         offsets, src_rows, swiglu: as in ``grouped_gemm``; K must be a multiple of 128.
         out_dtype: bf16, fp16 or fp32.
     """
@@ -470,34 +470,6 @@ def moe_forward(
     h = grouped_gemm(x, w_gate_up, perm.offsets, src_rows=perm.src_rows, swiglu=True)
     y = grouped_gemm(h, w_down, perm.offsets)
     return moe_combine(y, perm.pos, weights)
-
-
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] → E4M3 [M, K] and fp32 scales [M, K/128]: one scale per 1×128 tile, its max-abs
-    mapped to 448 (report §3.3.2, online quantization). Plain torch, for tests and benchmarks."""
-    m, k = x.shape
-    tiles = x.float().view(m, k // 128, 128)
-    scales = tiles.abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX
-    return (tiles / scales[..., None]).to(FP8).view(m, k), scales
-
-
-def quantize_fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, N, K] → E4M3 and fp32 scales [E, ⌈N/128⌉, K/128], one per 128×128 block."""
-    e, n, k = w.shape
-    pad = -n % 128
-    blocks = torch.nn.functional.pad(w.float(), (0, 0, 0, pad)).view(e, -1, 128, k // 128, 128)
-    scales = blocks.abs().amax(dim=(2, 4)).clamp_min(1e-12) / FP8_MAX
-    q = (blocks / scales[:, :, None, :, None]).to(FP8).view(e, n + pad, k)[:, :n]
-    return q.contiguous(), scales
-
-
-def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The fp32 values an FP8 operand stands for: rows [M, K] with 1×128 scales, or weights
-    [E, N, K] with 128×128 block scales."""
-    up = scales.repeat_interleave(128, dim=-1)
-    if q.dim() == 3:
-        up = up.repeat_interleave(128, dim=-2)[:, : q.shape[1]]
-    return q.float() * up
 
 
 def grouped_gemm_reference(

@@ -10,13 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3lite import DeepSeekV3, ModelConfig, load_pretrained, preset, save_pretrained
-from dsv3lite.checkpoint import (
-    INDEX_NAME,
-    SCALE_SUFFIX,
-    SINGLE_NAME,
-    dequantize_weight,
-    quantize_weight,
-)
+from dsv3lite.checkpoint import INDEX_NAME, SCALE_SUFFIX, SINGLE_NAME
+from dsv3lite.fp8 import weight_dequant, weight_quant
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
              num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
@@ -149,7 +144,7 @@ def test_fp8_round_trip(tmp_path):
     for key, value in state.items():
         disk = key.replace("model.mtp.0.", f"model.layers.{model.config.num_hidden_layers}.")
         if disk in fp8:
-            assert value.equal(dequantize_weight(stored[disk], stored[disk + SCALE_SUFFIX]))
+            assert value.equal(weight_dequant(stored[disk], stored[disk + SCALE_SUFFIX]))
             assert _rel(value, original[key]) < 0.04, key  # E4M3 keeps 3 mantissa bits
         else:
             assert value.equal(original[key]), key
@@ -188,16 +183,16 @@ def test_fp8_ragged_edge_blocks(tmp_path):
     assert ragged >= 8
 
 
-def test_quantize_weight_convention():
+def test_weight_quant_convention():
     """w ≈ q · s, |q| ≤ 448 with the block maximum on it, zero blocks harmless."""
     torch.manual_seed(4)
     w = torch.randn(130, 260) * torch.logspace(-3, 1, 260)
     w[:128, 128:256] = 0.0
-    q, s = quantize_weight(w)
+    q, s = weight_quant(w)
     assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (2, 3)
     assert not q.float().isnan().any() and q.float().abs().max() == 448
-    assert s[0, 1] == 1.0 and dequantize_weight(q, s)[:128, 128:256].abs().max() == 0
-    back = dequantize_weight(q, s)
+    assert s[0, 1] == 1.0 and weight_dequant(q, s)[:128, 128:256].abs().max() == 0
+    back = weight_dequant(q, s)
     assert ((back - w).abs() <= 2.0**-4 * back.abs().clamp(min=s.max() * 2.0**-6)).all()
 
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from dsv3lite import fp8
-from dsv3lite.checkpoint import dequantize_weight, quantize_weight
 from dsv3lite.kernels import fp8_quant as fq
 
 FP8 = torch.float8_e4m3fn
@@ -184,12 +183,15 @@ def test_act_quant_t_quantizes_tokens_and_transposes():
     assert ((deq - tokens).norm() / tokens.norm()) < 0.04
 
 
-def test_weight_quant_is_the_checkpoint_format():
-    w = torch.randn(200, 300) * 0.02  # ragged in both dimensions
+def test_weight_quant_of_stacked_experts_is_per_expert():
+    """[E, N, K] (the experts' stacked layout) gives each expert's own 128×128 blocks."""
+    w = hard_input((3 * 70, 300)).view(3, 70, 300)
     q, s = fp8.weight_quant(w)
-    q_ckpt, s_ckpt = quantize_weight(w)
-    assert same_codes(q, q_ckpt) and torch.equal(s, s_ckpt)
-    assert torch.equal(fp8.weight_dequant(q, s), dequantize_weight(q, s))
+    assert s.shape == (3, 1, 3)
+    for e in range(3):
+        q_e, s_e = fp8.weight_quant(w[e])
+        assert same_codes(q[e], q_e) and torch.equal(s[e], s_e)
+    assert torch.equal(fp8.weight_dequant(q, s)[1], fp8.weight_dequant(q[1], s[1]))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +201,7 @@ def test_weight_quant_is_the_checkpoint_format():
         (lambda: fp8.act_quant(torch.ones(4, 128, dtype=torch.int32)), "float32"),
         (lambda: fp8.act_quant(torch.randn(4, 128), block_size=96), "power of two"),
         (lambda: fp8.act_quant(torch.randn(4, 128), scale_fmt="e8m0"), "scale_fmt"),
-        (lambda: fp8.weight_quant(torch.randn(2, 4, 128)), "2-D"),
+        (lambda: fp8.weight_quant(torch.randn(2, 2, 4, 128)), "3-D"),
         (lambda: fp8.act_quant_t(torch.randn(4, 0)), "non-empty"),
     ],
 )
@@ -256,6 +258,17 @@ def test_triton_quantizers_every_code_and_small_blocks():
     x[:, 0] = 448.0  # each tile's amax is 448, so s = 1 and the values are the codes
     check_kernels_match(x)
     check_kernels_match(torch.randn(33, 70), block_size=32)
+
+
+@interpreted
+def test_triton_weight_quant_of_stacked_experts():
+    w = hard_input((3 * 70, 300)).view(3, 70, 300)
+    for fmt in fq.SCALE_FMTS:
+        (q, s), (q_ref, s_ref) = (
+            fq.weight_quant_triton(w, 128, fmt),
+            fq.weight_quant_ref(w, 128, fmt),
+        )
+        assert same_codes(q, q_ref) and torch.equal(s, s_ref), fmt
 
 
 @interpreted

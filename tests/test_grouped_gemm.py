@@ -63,15 +63,13 @@ def route(case: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
 
 def run_case(case: dict[str, Any], device: str, seed: int = 0) -> dict[str, float]:
     """Relative errors of the grouped GEMM and of the combine against fp32 references."""
+    from dsv3lite.fp8 import act_dequant, act_quant, weight_dequant, weight_quant
     from dsv3lite.kernels.grouped_gemm import (
-        dequantize_fp8,
         grouped_gemm,
         grouped_gemm_fp8,
         grouped_gemm_reference,
         moe_combine,
         moe_permute,
-        quantize_fp8_blocks,
-        quantize_fp8_rows,
     )
 
     gen = torch.Generator().manual_seed(seed)
@@ -88,12 +86,12 @@ def run_case(case: dict[str, Any], device: str, seed: int = 0) -> dict[str, floa
         x, src = x[src.long()], None
     swiglu = case["swiglu"]
     if fp8:
-        (xq, xs), (wq, ws) = quantize_fp8_rows(x), quantize_fp8_blocks(w)
+        (xq, xs), (wq, ws) = act_quant(x), weight_quant(w)
         out_dtype = torch.float32
         y = grouped_gemm_fp8(
             xq, xs, wq, ws, perm.offsets, src_rows=src, swiglu=swiglu, out_dtype=out_dtype
         )
-        x, w = dequantize_fp8(xq, xs), dequantize_fp8(wq, ws)
+        x, w = act_dequant(xq, xs), weight_dequant(wq, ws)
     else:
         out_dtype = getattr(torch, case["dt"])
         x, w = x.to(out_dtype), w.to(out_dtype)
@@ -142,13 +140,8 @@ def routed_moe_error(device: str) -> float:
 
 def raise_error(what: str, device: str) -> str:
     """Break one thing about valid inputs; return the error's message (or 'no error')."""
-    from dsv3lite.kernels.grouped_gemm import (
-        grouped_gemm,
-        grouped_gemm_fp8,
-        moe_combine,
-        quantize_fp8_blocks,
-        quantize_fp8_rows,
-    )
+    from dsv3lite.fp8 import act_quant, weight_quant
+    from dsv3lite.kernels.grouped_gemm import grouped_gemm, grouped_gemm_fp8, moe_combine
 
     bf = dict(device=device, dtype=torch.bfloat16)
     x, w = torch.randn(6, 32, **bf), torch.randn(3, 16, 32, **bf)
@@ -171,8 +164,8 @@ def raise_error(what: str, device: str) -> str:
     try:
         if what.startswith("fp8"):
             k = 96 if what == "fp8_k" else 128
-            xq, xs = quantize_fp8_rows(torch.randn(6, 128, device=device))
-            wq, ws = quantize_fp8_blocks(torch.randn(3, 16, 128, device=device))
+            xq, xs = act_quant(torch.randn(6, 128, device=device))
+            wq, ws = weight_quant(torch.randn(3, 16, 128, device=device))
             if what == "fp8_k":
                 xq, wq = xq[:, :k], wq[..., :k]
             else:

@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from dsv3lite import DeepSeekV3, ModelConfig, load_pretrained, save_pretrained  # noqa: E402
-from dsv3lite.checkpoint import SCALE_SUFFIX, dequantize_weight  # noqa: E402
+from dsv3lite.checkpoint import SCALE_SUFFIX  # noqa: E402
+from dsv3lite.fp8 import weight_dequant  # noqa: E402
 
 TINY = dict(
     vocab_size=96,
@@ -163,7 +164,7 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(tmp_path):
     fp8_keys = [k for k, t in stored.items() if t.dtype == torch.float8_e4m3fn]
     assert len(fp8_keys) > 3 * 5
     for key in fp8_keys:
-        expected = dequantize_weight(stored[key], stored[key + SCALE_SUFFIX])
+        expected = weight_dequant(stored[key], stored[key + SCALE_SUFFIX])
         assert torch.equal(state[key], expected), key
 
     save_pretrained(ours, tmp_path / "dequantized")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..fp8 import BLOCK, FP8, FP8_MAX
 from ._check import (
     ExerciseError,
     as_tensor,
@@ -18,9 +19,6 @@ from ._check import (
     seeded,
 )
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-BLOCK = 128
 HINT = (
     "per row, per 128 columns: amax = |x|.amax over the tile, s = amax / 448 (1 where amax "
     "is 0), q = (x / s).to(torch.float8_e4m3fn); return q [M, K] and s [M, K/128] float32"

@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from ..kernels.fp8_quant import expand_scales, group_quant_ref
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 GRANULARITIES: dict[str, tuple[int | None, int | None]] = {
@@ -67,20 +69,15 @@ def fake_quant(
     """Quantize a 2-D ``x`` to FP8 and back (float32), one scale per group.
 
     ``granularity`` is a key of ``GRANULARITIES`` or a (rows, cols) group shape, None meaning
-    "the whole dimension". Each group's scale maps its amax onto the format's max, as the
-    kernels do (``"1x128"`` and ``"128x128"`` give exactly ``act_quant`` / ``weight_quant``).
+    "the whole dimension". It runs the package's one quantizer (``dsv3lite.fp8.quant``'s rules,
+    its torch reference) with the group shape and format asked for, so ``"1x128"`` and
+    ``"128x128"`` give exactly ``act_quant`` / ``weight_quant``.
     """
     rows, cols = GRANULARITIES[granularity] if isinstance(granularity, str) else granularity
     m, k = x.shape
     rows, cols = rows or m, cols or k
-    fmax = torch.finfo(dtype).max
-    mb, kb = math.ceil(m / rows), math.ceil(k / cols)
-    xp = torch.nn.functional.pad(x.float(), (0, kb * cols - k, 0, mb * rows - m))
-    groups = xp.view(mb, rows, kb, cols)
-    s = groups.abs().amax(dim=(1, 3), keepdim=True) / fmax
-    s = torch.where(s > 0, s, 1.0)
-    q = (groups / s).clamp(-fmax, fmax).to(dtype)
-    return (q.float() * s).view(mb * rows, kb * cols)[:m, :k]
+    q, s = group_quant_ref(x, rows, cols, dtype=dtype)
+    return q.float() * expand_scales(s, (m, k), (rows, cols))
 
 
 def quant_error(

@@ -1,9 +1,29 @@
-"""The public FP8 quantization API: Triton on a GPU, the plain-torch reference on the CPU.
+"""The one FP8 quantization API of the package: Triton on a GPU, the plain-torch reference on
+the CPU. Everything that quantizes calls it: FP8Linear, the checkpoint writer (the release's
+``weight_scale_inv``), the expert-parallel FP8 dispatch, the grouped expert GEMM's operands,
+the numerics study and the exercises' checks.
 
 Conventions of the release's ``inference/kernel.py``: ``x ≈ q · s``, q in E4M3
-(``torch.float8_e4m3fn``), s float32, one scale per group of 128 along the GEMM's inner
-dimension (report §3.3.2). Both backends compute the same numbers: the quantizers give the same
-bytes, the GEMM agrees to float32 rounding (the order of a 128-term sum).
+(``torch.float8_e4m3fn``, ``FP8``), s float32, one scale per group of ``BLOCK`` = 128 along the
+GEMM's inner dimension (report §3.3.2): 1×128 tiles for activations (``act_quant``), 128×1 for
+Wgrad's (``act_quant_t``), 128×128 blocks for weights (``weight_quant``, one matrix or stacked
+experts). A group's scale is ``s = amax / FP8_MAX`` (448, E4M3's largest finite value), so its
+largest entry lands on 448 and nothing overflows. Both backends produce the same bytes; the GEMM
+agrees to float32 rounding (the order of a 128-term sum).
+
+The rules, the same in every kernel and reference:
+
+* **all-zero group**: ``s = 1`` and codes 0, never a division by zero;
+* **ragged edges**: a dimension that is not a multiple of 128 ends in a smaller group, scaled
+  on its own (the padding is zeros and never raises an amax);
+* **NaN stays NaN** (E4M3 has a NaN code, 0x7F), so a diverged step still shows in the loss;
+* **±Inf saturates** to ±448, i.e. to the largest finite magnitude of its group, as the
+  hardware's ``cvt.rn.satfinite`` does. Scales come from a group's *finite* values, so one bad
+  element neither poisons nor flushes its neighbours. Raising instead would cost a host
+  synchronisation per call;
+* ``scale_fmt="ue8m0"`` rounds each scale *up* to a power of two (an 8-bit exponent, no
+  mantissa, as Blackwell's block-scaled formats store it): ``|x / s| ≤ 448`` still holds, and
+  dividing by a power of two is exact, so only the E4M3 rounding remains.
 
 Which backend runs:
 
@@ -38,6 +58,9 @@ __all__ = [
     "act_dequant",
     "weight_dequant",
     "backend",
+    "BLOCK",
+    "FP8",
+    "FP8_MAX",
 ]
 BACKENDS = ("auto", "triton", "torch")
 BLOCK = _quant.BLOCK
@@ -64,7 +87,6 @@ def act_quant(
 
     x [..., K] float32/bfloat16/float16 → q [..., K] E4M3 and s [..., ceil(K / block_size)]
     float32 with x ≈ q · s. ``scale_fmt="ue8m0"`` rounds scales up to powers of two.
-    NaN stays NaN; ±Inf saturates to its tile's largest finite magnitude.
     """
     if backend(x) == "triton":
         return _quant.act_quant_triton(x, block_size, scale_fmt)
@@ -93,11 +115,13 @@ def weight_quant(
     """Quantize a weight [N, K] in ``block_size``×``block_size`` blocks.
 
     → q [N, K] E4M3 and s [ceil(N / block_size), ceil(K / block_size)] float32, w ≈ q · s
-    block by block (the layout of the release's ``weight_scale_inv``).
+    block by block (the layout of the release's ``weight_scale_inv``). Stacked experts
+    [E, N, K] give s [E, ⌈N/128⌉, ⌈K/128⌉]: each expert's blocks are its own.
     """
     if backend(w) == "triton":
         return _quant.weight_quant_triton(w, block_size, scale_fmt)
-    _validate(w, block_size, scale_fmt, dims=2)
+    _quant.check_weight(w)
+    _validate(w, block_size, scale_fmt)
     return _quant.weight_quant_ref(w, block_size, scale_fmt)
 
 
@@ -119,8 +143,8 @@ def fp8_gemm(
     return _gemm.fp8_gemm_ref(a, a_s, b, b_s, out_dtype)
 
 
-def _validate(x: torch.Tensor, block_size: int, scale_fmt: str | None, dims: int | None = None):
+def _validate(x: torch.Tensor, block_size: int, scale_fmt: str | None) -> None:
     """The Triton launchers' checks, so that both backends refuse the same inputs alike."""
-    _quant.check_input(x, "w" if dims == 2 else "x", dims)
+    _quant.check_input(x, "x")
     _quant.check_block_size(block_size)
     _quant.check_scale_fmt(scale_fmt)

@@ -14,8 +14,6 @@
 
 from .expert_parallel import (
     ExpertParallelMoE,
-    act_dequant_1x128,
-    act_quant_1x128,
     all_to_all,
     reduce_gradients,
     shard_moe_layers,
@@ -43,8 +41,6 @@ __all__ = [
     "Simulation",
     "Stage",
     "Timeline",
-    "act_dequant_1x128",
-    "act_quant_1x128",
     "all_to_all",
     "build_stages",
     "check_same_on_all_ranks",

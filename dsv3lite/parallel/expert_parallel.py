@@ -31,32 +31,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, preset
+from ..fp8 import FP8, act_dequant, act_quant
 from ..model.moe import MLP, Gate, MoE, Routing
 from .launch import check_same_on_all_ranks
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
-BLOCK = 128  # 1×128 activation tiles (§3.3.2)
-
-
-def act_quant_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [N, H] to e4m3 per token per 128 channels: scale = amax / 448 (online, from
-    the tile itself). Returns (q [N, H] float8_e4m3fn, scales [N, ceil(H/128)] fp32)."""
-    n, h = x.shape
-    tiles = F.pad(x.float(), (0, (-h) % BLOCK)).view(n, -1, BLOCK)
-    scale = tiles.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
-    q = (tiles / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(n, -1)[:, :h].contiguous(), scale.squeeze(-1)
-
-
-def act_dequant_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``act_quant_1x128``: q · scale, tile by tile, in ``dtype``."""
-    n, h = q.shape
-    tiles = F.pad(q.float(), (0, (-h) % BLOCK)).view(n, -1, BLOCK)
-    return (tiles * scale[..., None]).view(n, -1)[:, :h].to(dtype)
 
 
 class Pending:
@@ -98,7 +78,7 @@ class _AllToAll(torch.autograd.Function):
             )
             box.append(Pending([work]))
             return out
-        q, scale = act_quant_1x128(x)
+        q, scale = act_quant(x)  # 1×128 tiles: one scale per token per 128 channels
         q_out = torch.empty((n_out, q.shape[1]), dtype=torch.uint8, device=x.device)
         s_out = scale.new_empty((n_out, scale.shape[1]))
         works = [  # bytes: not every backend knows float8 dtypes
@@ -111,7 +91,7 @@ class _AllToAll(torch.autograd.Function):
         ]
 
         def finish() -> None:
-            out.copy_(act_dequant_1x128(q_out.view(torch.float8_e4m3fn), s_out, out.dtype))
+            out.copy_(act_dequant(q_out.view(FP8), s_out))
 
         box.append(Pending(works, finish))
         return out

@@ -38,10 +38,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import preset
+from ..fp8 import BLOCK
 from ..model.block import DecoderLayer
 from ..model.moe import MoE
 from ..model.rope import RotaryEmbedding
-from .expert_parallel import BLOCK, ExpertParallelMoE, Pending
+from .expert_parallel import ExpertParallelMoE, Pending
 from .pipeline import causal_inputs
 
 
