@@ -4,13 +4,14 @@ Public API::
 
     from dsv3lite import ModelConfig, DeepSeekV3, load_pretrained, save_pretrained
     model = DeepSeekV3(preset("tiny"))
-    logits = model(input_ids)                                  # [B, T, vocab_size]
+    out = model(input_ids)                    # ModelOutput: .logits [B, T, vocab_size], .routing
+    out = model(input_ids, labels, mtp_lambda=0.3)   # + .loss, .main_loss, .mtp_losses
 """
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig, preset
 from .generate import greedy, sample
-from .model import DeepSeekV3, KVCache
+from .model import DeepSeekV3, KVCache, ModelOutput
 from .speculative import speculative_generate
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "preset",
     "DeepSeekV3",
     "KVCache",
+    "ModelOutput",
     "load_pretrained",
     "save_pretrained",
     "greedy",

@@ -243,7 +243,7 @@ def _decode_rows(
 
     def step() -> torch.Tensor:
         cache.seq_len = ctx
-        return model(ids, cache)
+        return model(ids, cache=cache).logits
 
     attn = model.model.layers[0].self_attn
     x = torch.randn(b, 1, model.config.hidden_size, dtype=plan.dtype, device=device)

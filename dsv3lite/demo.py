@@ -191,10 +191,10 @@ def _model_section(tiny: ModelConfig) -> None:
     with torch.no_grad():
         model(ids)  # warm-up: the first call pays for one-off allocations
         start = time.perf_counter()
-        naive = model(ids)
+        naive = model(ids).logits
         ms = 1e3 * (time.perf_counter() - start)
         model.attn_impl = "absorb"
-        absorbed = model(ids)
+        absorbed = model(ids).logits
     print(
         f"forward: input_ids {list(ids.shape)} -> logits {list(naive.shape)} in {ms:.1f} ms (naive MLA)"
     )
@@ -216,7 +216,7 @@ def _model_section(tiny: ModelConfig) -> None:
         model.attn_impl = impl
         cache = model.new_cache(*prompt.shape)
         with torch.no_grad():
-            model(prompt, cache)
+            model(prompt, cache=cache)
         _expect(cache.nbytes() == expected * tokens, f"{impl} cache size disagrees with accounting")
         print(
             f"{impl:<6} cache after the prompt: {cache.nbytes():>7,} bytes "

@@ -144,10 +144,10 @@ def decode(
         # The last new token is returned, never fed back: the cache needs one slot less.
         cache = model.new_cache(batch, prompt_len + max_new_tokens - 1)
         # Prefill: only the last position's logits are needed, so the head runs once per row.
-        h = model.hidden_states(input_ids, cache)
+        h, _ = model.hidden_states(input_ids, cache)
         new = [next_token(model.lm_head(h[:, -1]))]
         for _ in range(max_new_tokens - 1):
-            h = model.hidden_states(new[-1][:, None], cache)
+            h, _ = model.hidden_states(new[-1][:, None], cache)
             new.append(next_token(model.lm_head(h[:, -1])))
     finally:
         model.attn_impl = previous_impl

@@ -121,14 +121,14 @@ def _decode(
     mtp = model.model.mtp[0]
     length = ids.shape[1] + max_new_tokens  # a verification may feed one token past the last
     cache, mtp_cache = model.new_cache(1, length), model.new_cache(1, length)
-    h = model.hidden_states(ids, cache)  # h_0 … h_{T-1}, after the final norm (h^0 of eq. 21)
+    h, _ = model.hidden_states(ids, cache)  # h_0 … h_{T-1}, after the final norm (h^0 of eq. 21)
     new = [rule.pick(model.lm_head(h[0, -1]))]
     stats.main_forwards = 1
     next_ids = torch.cat([ids[:, 1:], _ids([new[-1]], ids)], dim=1)  # t_{i+1} for each h_i
     while len(new) < max_new_tokens:
         draft_logits = _draft_logits(model, mtp, h, next_ids, mtp_cache)
         draft = rule.pick(draft_logits)
-        h = model.hidden_states(_ids([new[-1], draft], ids), cache)
+        h, _ = model.hidden_states(_ids([new[-1], draft], ids), cache)
         main_logits = model.lm_head(h[0])  # [2, V]: for the draft's slot and the one after
         stats.main_forwards += 1
         stats.drafts += 1
@@ -155,7 +155,7 @@ def _draft_logits(
 ) -> torch.Tensor:
     """Feed the MTP module its pairs (h_i, t_{i+1}) for the newly verified positions (eqs.
     21–22, positions continue its own cache) and return its logits for the next draft (eq. 23)."""
-    h_mtp = model.mtp_step(mtp, h, next_ids, start=mtp_cache.seq_len, cache=mtp_cache)
+    h_mtp, _ = model.mtp_step(mtp, h, next_ids, start=mtp_cache.seq_len, cache=mtp_cache)
     mtp_cache.seq_len += h.shape[1]  # mtp_step leaves the bookkeeping to its caller
     return model.lm_head(mtp.shared_head.norm(h_mtp[0, -1]))
 

@@ -3,8 +3,9 @@
 import torch
 
 from dsv3lite import preset
+from dsv3lite.model import sequence_balance_loss
 from dsv3lite.model.moe import MoE, Routing
-from dsv3lite.train.balance import max_violation, sequence_balance_loss, update_bias
+from dsv3lite.train.balance import max_violation, update_bias
 
 
 def test_bias_moves_by_gamma_towards_the_mean_load():

@@ -66,7 +66,8 @@ def _logits(model: DeepSeekV3, seed: int = 1) -> tuple[torch.Tensor, list[torch.
     torch.manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
-        return model.forward_with_mtp(ids)
+        out = model(ids, mtp=True)
+        return out.logits, out.mtp_logits
 
 
 @pytest.mark.parametrize(

@@ -165,11 +165,12 @@ def test_triton_interpreter_broken_by_numpy(monkeypatch):
     message = "TypeError: only 0-dimensional arrays can be converted to Python scalars"
     real = REAL_IMPORT
     numpy = type("N", (), {"__version__": "2.4.0"})
+    triton = type("T", (), {"__version__": "3.6.0"})  # 3.7 and newer take numpy 2.4
     r = _only(
         doctor.check_triton,
         monkeypatch,
         _interpreter_probe=lambda: (False, message),
-        _import=lambda n: numpy if n == "numpy" else real(n),
+        _import=lambda n: {"numpy": numpy, "triton": triton}.get(n) or real(n),
     )
     if r.detail.endswith("compiling for the GPU"):
         pytest.skip("a GPU is visible: the interpreter is not probed")

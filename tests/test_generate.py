@@ -25,7 +25,7 @@ def _greedy_without_cache(model: DeepSeekV3, ids: torch.Tensor, n: int) -> torch
     """The definition: run the full sequence again for every new token, take the argmax."""
     with torch.no_grad():
         for _ in range(n):
-            ids = torch.cat([ids, model(ids)[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     return ids
 
 

@@ -42,7 +42,7 @@ def _grad_worker(seed: int) -> dict:
         (y * probe).sum().backward()
         grads = {n: p.grad.clone() for n, p in ep.named_parameters() if p.grad is not None}
         out[overlap] = (y.detach(), xs.grad, grads)
-    reference = layer(x, cos, sin, mask).detach()
+    reference = layer(x, cos, sin, mask)[0].detach()
     (y0, gx0, g0), (y1, gx1, g1) = out[False], out[True]
     return {
         "vs_reference": rel(y1, reference),

@@ -8,7 +8,8 @@ import torch
 
 from dsv3lite.config import preset
 from dsv3lite.parallel.launch import RankFailure, launch
-from dsv3lite.parallel.pipeline import PipelineRuntime, build_stages, run_and_check
+from dsv3lite.parallel.pipeline import PipelineRuntime, build_stages
+from dsv3lite.testing.pipeline import run_and_check
 
 CONFIG = dict(num_hidden_layers=4, n_routed_experts=8, n_group=2, topk_group=1)
 CASES = {  # ranks -> (kind, stages, micro-batches)

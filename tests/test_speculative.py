@@ -45,7 +45,8 @@ def trained() -> DeepSeekV3:
             coin = (torch.rand(16) < 0.5) & (seq[-1] % 2 == 0)
             seq.append(torch.where(coin, second[seq[-1]], first[seq[-1]]))
         x, y = torch.stack(seq[:-1], 1), torch.stack(seq[1:], 1)
-        logits, (mtp_logits,) = model.forward_with_mtp(x)
+        out = model(x, mtp=True)
+        logits, (mtp_logits,) = out.logits, out.mtp_logits
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss = loss + 0.3 * F.cross_entropy(mtp_logits.flatten(0, 1), y[:, 1:].flatten())
         opt.zero_grad()
@@ -63,7 +64,7 @@ def _reference_counts(model: DeepSeekV3, out: torch.Tensor, prompt_len: int) -> 
     """(drafts, accepted) replayed from one full-sequence forward: the MTP guess for slot j is
     its argmax at position j-2, i.e. from (h_{j-2}, t_{j-1}); an accepted slot skips the next."""
     with torch.no_grad():
-        _, (mtp_logits,) = model.forward_with_mtp(out)
+        (mtp_logits,) = model(out, mtp=True).mtp_logits
     guess = mtp_logits[0].argmax(-1)
     drafts = accepted = 0
     j = prompt_len + 1  # the first new token comes from the prefill, undrafted
@@ -158,7 +159,7 @@ def test_sampled_speculation_follows_the_main_distribution() -> None:
     with torch.no_grad():
         for seq in itertools.product(range(4), repeat=3):
             ids = torch.cat([prompt, torch.tensor([seq])], dim=1)
-            probs = probabilities(micro(ids)[0, 2:5], temperature, top_p)
+            probs = probabilities(micro(ids).logits[0, 2:5], temperature, top_p)
             exact[seq] = probs[0, seq[0]] * probs[1, seq[1]] * probs[2, seq[2]]
     gen = torch.Generator().manual_seed(6)
     counts = torch.zeros(4, 4, 4)

@@ -55,7 +55,7 @@ def test_checkpoint_is_self_contained_and_transformers_agrees(short_run):
     ).eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 24))
     with torch.no_grad():
-        a, b = ours(ids), theirs(ids).logits
+        a, b = ours(ids).logits, theirs(ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 

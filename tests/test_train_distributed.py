@@ -16,14 +16,11 @@ import torch
 import dsv3lite
 from dsv3lite.parallel.launch import launch
 from dsv3lite.train import TrainConfig, train
-from dsv3lite.train.distributed import step_check
+from dsv3lite.testing import rel_err
+from dsv3lite.testing.train import step_check
 
 FAST = dict(batch_size=2, seq_len=32, eval_batches=1, log_every=1, progress=False)
 CHECKS = [("ep", "aux-free"), ("ep", "aux-loss"), ("pp", "aux-free"), ("pp", "aux-loss")]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _torchrun(*args) -> subprocess.CompletedProcess:
@@ -88,7 +85,7 @@ def test_pipeline_run_equals_single_process_run(two_ranks):
     a = dsv3lite.load_pretrained(pp.final).state_dict()
     b = dsv3lite.load_pretrained(one.final).state_dict()
     assert a.keys() == b.keys()
-    assert max(_rel(a[k], b[k]) for k in b) < 1e-4
+    assert max(rel_err(a[k], b[k]) for k in b) < 1e-4
 
 
 @pytest.mark.distributed

@@ -1,9 +1,23 @@
-"""The model, one concept per file: norm, rope, mla, moe, mtp, block, transformer, cache."""
+"""The model, one concept per file: norm, rope, mla, moe, mtp, block, transformer, cache,
+losses, output."""
 
 from .cache import KVCache
+from .losses import sequence_balance_loss
 from .mla import MLA
 from .moe import MLP, Gate, MoE, Routing
 from .mtp import MTPModule
+from .output import ModelOutput
 from .transformer import DeepSeekV3
 
-__all__ = ["KVCache", "MLA", "MLP", "Gate", "MoE", "Routing", "MTPModule", "DeepSeekV3"]
+__all__ = [
+    "KVCache",
+    "MLA",
+    "MLP",
+    "Gate",
+    "MoE",
+    "Routing",
+    "MTPModule",
+    "DeepSeekV3",
+    "ModelOutput",
+    "sequence_balance_loss",
+]

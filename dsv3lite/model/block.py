@@ -1,4 +1,9 @@
-"""One transformer block: pre-norm MLA, then pre-norm FFN (dense or DeepSeekMoE)."""
+"""One transformer block: pre-norm MLA, then pre-norm FFN (dense or DeepSeekMoE).
+
+A block returns its output and, for an MoE block, the ``Routing`` its gate decided (None for a
+dense one): the caller collects them in layer order, so balancing (the bias update, the
+sequence-wise loss) reads what this forward routed, with no state left on the modules.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from torch import nn
 from ..config import ModelConfig
 from .cache import KVCache
 from .mla import MLA
-from .moe import MLP, MoE
+from .moe import MLP, MoE, Routing
 from .norm import RMSNorm
 
 
@@ -35,6 +40,10 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         impl: str = "naive",
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Routing | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, impl)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MLP):
+            return x + self.mlp(h), None
+        y, routing = self.mlp(h)
+        return x + y, routing

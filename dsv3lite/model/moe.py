@@ -115,17 +115,18 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self.last_routing: Routing | None = None  # kept for balancing and statistics
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [..., hidden] → (y of the same shape, the Routing of its tokens). The routing is
+        returned, not kept on the module, so that balancing reads what this very call decided
+        (the model collects it into ``ModelOutput.routing``)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = self.gate(x)
-        self.last_routing = routing
         y = self.routed(x, routing)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.view(shape), routing
 
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Σ_i g_{i,t} FFN_i(x_t): sort the (token, expert) pairs by expert, run each expert once

@@ -11,12 +11,15 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import check_bool, check_number
 from .block import DecoderLayer
 from .cache import KVCache
+from .losses import cross_entropy, mtp_objective, sequence_balance_loss
 from .mla import ATTN_IMPLS
-from .moe import MoE
+from .moe import MoE, Routing
 from .mtp import MTPModule
 from .norm import RMSNorm
+from .output import ModelOutput
 from .rope import RotaryEmbedding
 
 
@@ -40,9 +43,10 @@ class Backbone(nn.Module):
 class DeepSeekV3(nn.Module):
     """A DeepSeek-V3-style causal language model.
 
-    ``model(input_ids)`` returns logits [B, T, vocab_size]. Pass a ``KVCache`` (from
-    ``new_cache``) to decode incrementally; ``attn_impl`` picks the MLA path ('naive' or
-    'absorb'), which changes speed and cache size, never the result.
+    ``model(input_ids)`` returns a ``ModelOutput``: ``.logits`` [B, T, vocab_size] and the
+    ``.routing`` of every MoE layer; with ``labels`` also the losses (see ``forward``). Pass a
+    ``KVCache`` (from ``new_cache``) to decode incrementally; ``attn_impl`` picks the MLA path
+    ('naive' or 'absorb'), which changes speed and cache size, never the result.
     """
 
     def __init__(self, config: ModelConfig, attn_impl: str = "naive") -> None:
@@ -78,9 +82,9 @@ class DeepSeekV3(nn.Module):
             moe.gate.e_score_correction_bias.zero_()
 
     def moe_layers(self) -> list[nn.Module]:
-        """Every MoE FFN, main layers first, then the MTP modules': ``MoE``, or, once
-        ``shard_moe_layers`` has run, this rank's ``ExpertParallelMoE`` shards (both have the
-        ``gate`` and ``last_routing`` that balancing reads)."""
+        """Every MoE FFN, main layers first, then the MTP modules' (the order of
+        ``ModelOutput.routing``): ``MoE``, or, once ``shard_moe_layers`` has run, this rank's
+        ``ExpertParallelMoE`` shards (both have the ``gate`` whose bias balancing updates)."""
         from ..parallel.expert_parallel import ExpertParallelMoE  # lazy: parallel imports model
 
         return [m for m in self.modules() if isinstance(m, (MoE, ExpertParallelMoE))]
@@ -108,36 +112,108 @@ class DeepSeekV3(nn.Module):
                 f"{self.config.max_position_embeddings}"
             )
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The main model's output after the final norm, [B, T, hidden] (h^0 for MTP)."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, list[Routing]]:
+        """The main model's output after the final norm, [B, T, hidden] (h^0 for MTP), and the
+        Routing of each of its MoE layers in order."""
         start = cache.seq_len if cache is not None else 0
         self._check_ids(input_ids, start)
         if cache is not None and cache.impl != self.attn_impl:
             raise ValueError(f"cache was made for {cache.impl!r}, model uses {self.attn_impl!r}")
         x = self.model.embed_tokens(input_ids)
         cos, sin, mask = self._positions(start, input_ids.shape[1], x.device)
+        routing = []
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, self.attn_impl)
+            x, r = layer(x, cos, sin, mask, cache, self.attn_impl)
+            if r is not None:
+                routing.append(r)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        return self.model.norm(x)
+        return self.model.norm(x), routing
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab_size] for input_ids [B, T] (continuing ``cache`` if given)."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        mtp: bool | None = None,
+        mtp_lambda: float = 0.0,
+        alpha: float | None = None,
+    ) -> ModelOutput:
+        """Run the model on input_ids [B, T] (continuing ``cache`` if given).
 
-    def forward_with_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Main logits [B, T, V] and, per MTP depth k, logits [B, T-k, V] for tokens i+k+1."""
-        h = self.hidden_states(input_ids)
+        labels [B, T]: the target of each position, i.e. the next token (labels[:, t] is token
+        t+1); given, the output holds the losses. ``mtp_lambda`` is λ of eq. (25); ``alpha``
+        the sequence-wise balance loss's weight α (None: no balance term, a number: added to
+        the loss, also when 0). The MTP modules run when ``mtp`` is True, or by default when
+        labels are given with λ > 0: plain inference is one pass of the main model.
+        """
+        check_number("mtp_lambda", mtp_lambda, strict=False)
+        if alpha is not None:
+            check_number("alpha", alpha, strict=False)
+        if mtp is None:
+            mtp = labels is not None and mtp_lambda > 0
+        check_bool("mtp", mtp)
+        if labels is not None and (
+            not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape
+        ):
+            raise ValueError(
+                f"labels must be a tensor with the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {getattr(labels, 'shape', type(labels).__name__)}"
+            )
+        if mtp and cache is not None:
+            raise ValueError("mtp=True needs the whole sequence: run it without a cache")
+        h, routing = self.hidden_states(input_ids, cache)
+        return self.outputs(
+            h, input_ids, labels, routing, mtp=mtp, mtp_lambda=mtp_lambda, alpha=alpha
+        )
+
+    def outputs(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        routing: list[Routing],
+        *,
+        mtp: bool,
+        mtp_lambda: float,
+        alpha: float | None,
+    ) -> ModelOutput:
+        """Everything after the main layers, from h = their normed output [B, T, hidden]: the
+        head, the MTP modules (eqs. 21–23), and the losses (eqs. 17–20, 24–25) with ``routing``
+        (the main layers') and the MTP modules' own. A pipeline's last stage calls it with
+        ``routing=[]``: each stage adds its own layers' balance term."""
         logits = self.lm_head(h)
-        mtp_logits = []
-        for k, module in enumerate(self.model.mtp, start=1):
-            t = input_ids.shape[1] - k
-            if t <= 0:
-                break
-            h = self.mtp_step(module, h[:, :t], input_ids[:, k:], start=0)
-            mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
-        return logits, mtp_logits
+        out = ModelOutput(logits=logits, routing=list(routing))
+        if mtp:
+            for k, module in enumerate(self.model.mtp, start=1):
+                t = input_ids.shape[1] - k
+                if t <= 0:
+                    break
+                h, r = self.mtp_step(module, h[:, :t], input_ids[:, k:], start=0)
+                out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)))
+                if r is not None:
+                    out.routing.append(r)
+        if labels is None:
+            return out
+        out.main_loss = total = cross_entropy(logits, labels)
+        out.mtp_losses = [
+            cross_entropy(mtp_logits, labels[:, k:])
+            for k, mtp_logits in enumerate(out.mtp_logits, start=1)
+        ]
+        if out.mtp_losses:
+            total = total + mtp_objective(out.mtp_losses, mtp_lambda)  # eq. (25)
+        if alpha is not None:
+            batch = input_ids.shape[0]
+            out.balance_loss = sum(
+                (sequence_balance_loss(r, batch, alpha) for r in out.routing),
+                total.new_zeros(()),
+            )
+            total = total + out.balance_loss
+        out.loss = total
+        return out
 
     def mtp_step(
         self,
@@ -146,8 +222,9 @@ class DeepSeekV3(nn.Module):
         next_ids: torch.Tensor,
         start: int,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Eqs. (21)–(22) for positions start … start+T-1: returns h^k before the head's norm."""
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """Eqs. (21)–(22) for positions start … start+T-1: returns h^k before the head's norm,
+        and the Routing of the module's MoE (None when it is dense)."""
         x = module.combine(h_prev, self.model.embed_tokens(next_ids))
         cos, sin, mask = self._positions(start, x.shape[1], x.device)
         return module(x, cos, sin, mask, cache, self.attn_impl)

@@ -1,7 +1,7 @@
 """A pipeline runtime: execute a schedule from ``schedules.py`` over point-to-point sends.
 
-Each rank holds its stages (consecutive ``DecoderLayer``s; two per rank for DualPipe and
-DualPipeV) and runs its op list in order:
+Each rank holds its stages (``Stage``: consecutive ``DecoderLayer``s; two per rank for DualPipe
+and DualPipeV) and runs its op list in order:
 
 * ``F``: take the input (the data on a first stage, else the activation the previous stage
   sent), run the stage, send the output on — or, on a last stage, compute the loss;
@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig, preset
+from ..config import ModelConfig
 from ..model.block import DecoderLayer
+from ..model.losses import sequence_balance_loss
 from ..model.rope import RotaryEmbedding
 from .launch import check_same_on_all_ranks
 from .schedules import Layout, Op, layout, micro_batches_per_pipe, schedule
@@ -54,18 +55,74 @@ def causal_inputs(
 
 
 class Stage(nn.Module):
-    """Consecutive decoder layers: one pipeline stage, hidden states in, hidden states out."""
+    """Consecutive decoder layers as one pipeline stage: hidden states in, hidden states out.
 
-    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]) -> None:
+    ``PipelineRuntime`` sends tensors shaped like its first input, hidden-sized, so a first stage
+    that embeds tokens (``embed``) receives the ids as channel 0 of a float tensor (exact below
+    2^24). ``held`` are modules this stage trains that its forward does not run: a training
+    pipeline's last stage holds the final norm, the head and the MTP modules, which its loss
+    function runs (``DeepSeekV3.outputs``).
+
+    The runtime moves tensors only, so what the layers routed stays here: ``loads`` sums each
+    MoE layer's per-expert counts over the forwards since ``reset()`` (the bias update wants
+    the whole step's). With ``alpha``, every forward adds its MoE layers' sequence-wise balance
+    loss (eqs. 17–20), divided by ``micro_batches`` as the runtime divides the final loss, in
+    the backward (``_AddLoss``): a middle stage never sees the final loss. ``balance`` sums
+    those terms (detached) for the log.
+    """
+
+    def __init__(
+        self,
+        layers: list[DecoderLayer],
+        rotary: RotaryEmbedding,
+        *,
+        embed: nn.Embedding | None = None,
+        held: list[nn.Module] | None = None,
+        alpha: float | None = None,
+        micro_batches: int = 1,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.rotary = RotaryEmbedding(config)
+        self.rotary, self.embed = rotary, embed
+        self.held = nn.ModuleList(held or [])
+        self.alpha, self.micro_batches = alpha, micro_batches
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the loads and balance terms of the previous step."""
+        self.loads: list[torch.Tensor] = []
+        self.balance = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x[..., 0].long())
         cos, sin, mask = causal_inputs(self.rotary, x.shape[1], x.device)
+        routing = []
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return x
+            x, r = layer(x, cos, sin, mask)
+            if r is not None:
+                routing.append(r)
+        loads = [r.load for r in routing]
+        self.loads = [a + b for a, b in zip(self.loads, loads)] if self.loads else loads
+        if self.alpha is None or not routing:
+            return x
+        balance = sum(sequence_balance_loss(r, x.shape[0], self.alpha) for r in routing)
+        self.balance = self.balance + balance.detach() / self.micro_batches
+        return _AddLoss.apply(x, balance / self.micro_batches)
+
+
+class _AddLoss(torch.autograd.Function):
+    """x unchanged; in the backward, ``loss`` (a scalar computed inside a stage) gets gradient
+    1, exactly as if it had been added to the final loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.dtype, ctx.device = loss.dtype, loss.device
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=ctx.dtype, device=ctx.device)
 
 
 def build_stages(config: ModelConfig, pp: int, seed: int = 0) -> list[Stage]:
@@ -89,7 +146,7 @@ def build_stages(config: ModelConfig, pp: int, seed: int = 0) -> list[Stage]:
                     else 0.05 * torch.randn_like(p)
                 )
     per = n // pp
-    return [Stage(config, layers[s * per : (s + 1) * per]) for s in range(pp)]
+    return [Stage(layers[s * per : (s + 1) * per], RotaryEmbedding(config)) for s in range(pp)]
 
 
 @dataclass
@@ -288,66 +345,3 @@ def stage_indices(kind: str, pp: int, rank: int) -> list[int]:
     """The stages (by index in the model) that ``rank`` holds, chunk 0 first."""
     lay = layout(kind, pp)
     return [lay.stage(rank, c)[1] for c in range(lay.chunks)]
-
-
-def _mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (y - target).pow(2).mean()
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
-
-
-def run_and_check(
-    kind: str,
-    pp: int,
-    micro_batches: int,
-    seq_len: int = 8,
-    seed: int = 0,
-    overrides: dict | None = None,
-    warmup: bool = True,
-) -> dict:
-    """Run on every rank of a process group (e.g. via ``launch``): one step of ``kind`` over
-    ``pp`` stages of the ``tiny`` preset's layers (micro-batches of one sequence, MSE loss
-    against random targets) — after an untimed warm-up step, with ``warmup`` — then the same
-    step on one process, here, as the reference.
-
-    Returns this rank's stages, its losses ((pipe, mb) -> loss), the reference losses in
-    micro-batch order, the worst relative gradient error of its stages' parameters against
-    the reference, and its measured timeline.
-    """
-    config = preset("tiny", **(overrides or {}))
-    g = torch.Generator().manual_seed(seed + 1)
-    shape = (1, seq_len, config.hidden_size)
-    inputs = [torch.randn(shape, generator=g) for _ in range(micro_batches)]
-    targets = [torch.randn(shape, generator=g) for _ in range(micro_batches)]
-    indices = stage_indices(kind, pp, dist.get_rank())
-    stages = build_stages(config, pp, seed)
-    mine = [stages[s] for s in indices]
-    runtime = PipelineRuntime(kind, mine, pp, micro_batches, config)
-    if warmup:  # a process's first GEMMs pay one-time costs that would swamp the timeline
-        runtime.step(inputs, targets, _mse)
-        for stage in mine:
-            stage.zero_grad(set_to_none=True)
-    result = runtime.step(inputs, targets, _mse)
-
-    ref_stages = build_stages(config, pp, seed)
-    ref_losses = []
-    for x, target in zip(inputs, targets):
-        for stage in ref_stages:
-            x = stage(x)
-        loss = _mse(x, target) / micro_batches
-        loss.backward()
-        ref_losses.append(loss.item())
-    errors = [
-        ((_grad(p) - _grad(q)).norm() / _grad(q).norm().clamp_min(1e-30)).item()
-        for s, stage in zip(indices, mine)
-        for p, q in zip(stage.parameters(), ref_stages[s].parameters())
-    ]
-    return {
-        "stages": indices,
-        "losses": result.losses,
-        "ref_losses": ref_losses,
-        "grad_error": max(errors),
-        "timeline": result.timeline,
-    }

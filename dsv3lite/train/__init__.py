@@ -1,8 +1,11 @@
-"""Training: data and tokenizer, the trainer, load balancing, schedule, plots."""
+"""Training: data and tokenizer, the run's config, the trainer, the optimizer, load balancing,
+schedule, plots."""
 
-from .balance import max_violation, sequence_balance_loss, update_bias
+from .balance import max_violation, update_bias
+from .config import TrainConfig
 from .data import TokenData, load_tokenizer, read_corpus, train_tokenizer
-from .trainer import RunResult, TrainConfig, train
+from .optim import build_optimizer
+from .trainer import RunResult, evaluate, train
 
 __all__ = [
     "TokenData",
@@ -10,9 +13,10 @@ __all__ = [
     "read_corpus",
     "train_tokenizer",
     "max_violation",
-    "sequence_balance_loss",
     "update_bias",
     "RunResult",
     "TrainConfig",
+    "build_optimizer",
+    "evaluate",
     "train",
 ]

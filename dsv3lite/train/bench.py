@@ -20,7 +20,8 @@ from ..accounting import count_parameters
 from ..bench import Row, Suite, median_ms
 from ..config import ModelConfig, preset
 from ..model import DeepSeekV3
-from .trainer import TrainConfig, _losses, _optimizer
+from .config import TrainConfig
+from .optim import build_optimizer
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -62,12 +63,12 @@ def bench_train(device: torch.device, quick: bool) -> Suite:
     with torch.device(device):
         model = DeepSeekV3(config).train()
     cfg = TrainConfig(preset=name, batch_size=batch, seq_len=seq, device=device.type)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     x, y = (torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2))
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
-            loss = _losses(model, x, y, cfg)["total"]
+            loss = model(x, labels=y, **cfg.loss_args()).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,6 +15,9 @@ which ``setup_parallel`` picks from ``--ep`` / ``--pp`` after checking torchrun'
   run by ``parallel.pipeline``'s 1F1B schedule over micro-batches of the batch. Each
   micro-batch's loss is divided by their number, so the gradients are the full batch's.
 
+Every layout computes the losses with the model's own ``forward`` (or, on a pipeline's last
+stage, ``DeepSeekV3.outputs``) and reads the step's loads from the ``Routing`` it returns.
+
 What the layouts share:
 
 * clipping on the *global* gradient norm: each parameter's square is counted by exactly one
@@ -33,29 +36,21 @@ scale, and evaluation reuses the plain model; activations and compute are partit
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import preset
-from ..model import DeepSeekV3
+from ..model import DeepSeekV3, ModelOutput
 from ..model.moe import MoE
 from ..parallel.expert_parallel import ExpertParallelMoE, reduce_gradients, shard_moe_layers
 from ..parallel.launch import DistInfo, check_same_on_all_ranks, init_distributed, teardown
-from ..parallel.pipeline import PipelineRuntime, causal_inputs
-from .balance import sequence_balance_loss
-
-if TYPE_CHECKING:
-    from .trainer import TrainConfig
-
-LossFn = Callable[..., dict]  # trainer._losses with its cfg bound
+from ..parallel.pipeline import PipelineRuntime, Stage
+from .config import TrainConfig
 
 
 def setup_parallel(cfg: TrainConfig) -> Parallel:
@@ -96,14 +91,14 @@ def setup_parallel(cfg: TrainConfig) -> Parallel:
     return PipelineParallel(info, owns_group, cfg)
 
 
-def logged_losses(losses: dict) -> dict[str, torch.Tensor]:
-    """The metrics row's loss fields from ``trainer._losses``' output (MTP: depth 1)."""
-    out = {"loss": losses["main"].detach()}
-    if "mtp" in losses:
-        out["mtp_loss"] = losses["mtp"][0].detach()
-    if "balance" in losses:
-        out["balance_loss"] = losses["balance"].detach()
-    return out
+def logged_losses(out: ModelOutput) -> dict[str, torch.Tensor]:
+    """The metrics row's loss fields from a ``ModelOutput`` (MTP: depth 1)."""
+    logged = {"loss": out.main_loss.detach()}
+    if out.mtp_losses:
+        logged["mtp_loss"] = out.mtp_losses[0].detach()
+    if out.balance_loss is not None:
+        logged["balance_loss"] = out.balance_loss.detach()
+    return logged
 
 
 class Parallel:
@@ -115,6 +110,7 @@ class Parallel:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.trained: nn.Module | None = None
+        self.step_loads: list[torch.Tensor] = []  # the last step's, per MoE layer
 
     @property
     def is_main(self) -> bool:
@@ -131,19 +127,22 @@ class Parallel:
         """Raise unless every rank holds the same ``value`` (one process: nothing to check)."""
 
     def forward_backward(
-        self, model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor, losses: LossFn
+        self, model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor, loss_args: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """Losses and gradients of one batch; returns the loss fields to log."""
-        out = losses(model, x, y)
-        out["total"].backward()
+        """Losses (``model(x, labels=y, **loss_args)``) and gradients of one batch; keeps the
+        step's loads; returns the loss fields to log."""
+        out = model(x, labels=y, **loss_args)
+        out.loss.backward()
+        self.step_loads = [r.load for r in out.routing]
         return logged_losses(out)
 
     def clip_grad_norm_(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.trained.parameters(), max_norm)
 
-    def loads(self, moe_layers: list[nn.Module]) -> list[torch.Tensor]:
-        """Per MoE layer, how many tokens of the step each expert received."""
-        return [moe.last_routing.load for moe in moe_layers]
+    def loads(self) -> list[torch.Tensor]:
+        """Per MoE layer (``model.moe_layers()`` order), how many tokens of the last step each
+        expert received."""
+        return self.step_loads
 
     def reduce_logged(self, logged: dict[str, torch.Tensor]) -> dict[str, float]:
         """The logged losses of the whole step (one host sync: call it on logging steps only)."""
@@ -222,15 +221,15 @@ class ExpertParallel(_Distributed):
         self.counted = [p for p in model.parameters() if id(p) in experts or self.is_main]
         return super().prepare(model)
 
-    def forward_backward(self, model, x, y, losses):
-        logged = super().forward_backward(model, x, y, losses)
+    def forward_backward(self, model, x, y, loss_args):
+        logged = super().forward_backward(model, x, y, loss_args)
         reduce_gradients(model)
         return logged
 
-    def loads(self, moe_layers):
-        if not moe_layers:
+    def loads(self):
+        if not self.step_loads:
             return []
-        total = torch.stack(super().loads(moe_layers))
+        total = torch.stack(self.step_loads)
         dist.all_reduce(total)
         return list(total)
 
@@ -261,9 +260,8 @@ class PipelineParallel(_Distributed):
         super().__init__(info, owns_group)
         self.pp = cfg.pp
         self.micro_batches = cfg.micro_batches or _largest_divisor(cfg.batch_size, 2 * cfg.pp)
-        self.alpha = cfg.alpha if cfg.balance == "aux-loss" else None
+        self.alpha = cfg.loss_args()["alpha"]  # each stage adds its layers' balance term
         self.seq_len = cfg.seq_len
-        self.step_loads: dict[nn.Module, torch.Tensor] = {}
 
     def prepare(self, model: DeepSeekV3) -> nn.Module:
         config = model.config
@@ -273,73 +271,87 @@ class PipelineParallel(_Distributed):
                 f"--pp {self.pp} needs at least {self.pp} decoder layers, one per stage; "
                 f"ModelConfig.num_hidden_layers is {n}"
             )
-        # what the last stage logs (as _losses does); every rank needs the keys for the reduce
+        # what the last stage logs (logged_losses); every rank needs the keys for the reduce
         self.keys = ["loss"]
         self.keys += ["mtp_loss"] if config.num_nextn_predict_layers and self.seq_len > 1 else []
         self.keys += ["balance_loss"] if self.alpha is not None else []
         bounds = [s * n // self.pp for s in range(self.pp + 1)]
         self.owner = {name: _owner(name, bounds) for name, _ in model.named_parameters()}
         first, last = self.rank == 0, self.rank == self.pp - 1
-        layers = range(bounds[self.rank], bounds[self.rank + 1])
-        self.stage = _Stage(model, layers, first, last, self.alpha, self.micro_batches)
+        backbone = model.model
+        layers = [backbone.layers[i] for i in range(bounds[self.rank], bounds[self.rank + 1])]
+        held = []
         # MTP embeds tokens on the last stage (and a tied head is the embedding): two copies
+        if last and (backbone.mtp or config.tie_word_embeddings):
+            held.append(backbone.embed_tokens)
+        if last:
+            held += [backbone.norm, model.lm_head, backbone.mtp]
+        self.stage = Stage(
+            layers,
+            backbone.rotary_emb,
+            embed=backbone.embed_tokens if first else None,
+            held=held,
+            alpha=self.alpha,
+            micro_batches=self.micro_batches,
+        )
+        self.moe_layers = model.moe_layers()
+        self.stage_moes = [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
+        self.mtp_moes = [m for m in backbone.mtp.modules() if isinstance(m, MoE)] if last else []
+        self.mtp_loads: list[torch.Tensor] = []
         self.shared = None
         if config.num_nextn_predict_layers or config.tie_word_embeddings:
             self.shared = model.model.embed_tokens.weight
             self.pair = dist.new_group([0, self.pp - 1])  # every rank takes part in new_group
         self.counted = [p for name, p in model.named_parameters() if self.owner[name] == self.rank]
-        for moe in self.stage.modules():
-            if isinstance(moe, MoE):
-                moe.register_forward_hook(self._count_load)
         self.runtime = PipelineRuntime("1f1b", [self.stage], self.pp, self.micro_batches, config)
         self.trained = self.stage
         return self.stage
 
-    def _count_load(self, moe: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """Loads summed over the micro-batches (the bias update wants the whole step's)."""
-        self.step_loads[moe] = self.step_loads.get(moe, 0) + moe.last_routing.load
-
-    def forward_backward(self, model, x, y, losses):
+    def forward_backward(self, model, x, y, loss_args):
         logged = {k: torch.zeros((), device=x.device) for k in self.keys}
-        self.step_loads.clear()
-        self.stage.balance_log = torch.zeros((), device=x.device)
-        # the runtime moves hidden-sized float tensors only: ids ride in channel 0 (see _Stage)
+        self.stage.reset()
+        self.mtp_loads = []
+        # the runtime moves hidden-sized float tensors only: ids ride in channel 0 (see Stage)
         carrier = torch.zeros(*x.shape, model.config.hidden_size, device=x.device)
         carrier[..., 0] = x
         windows = torch.cat([x, y[:, -1:]], dim=1)  # inputs and targets for the last stage
         m = self.micro_batches
-        loss_fn = functools.partial(self._loss, model, losses, logged)
+        loss_fn = functools.partial(self._loss, model, loss_args, logged)
         self.runtime.step(list(carrier.chunk(m)), list(windows.chunk(m)), loss_fn)
         if self.shared is not None and self.rank in (0, self.pp - 1):
             if self.shared.grad is None:
                 self.shared.grad = torch.zeros_like(self.shared)
             dist.all_reduce(self.shared.grad, group=self.pair)
         if self.alpha is not None:
-            logged["balance_loss"] += self.stage.balance_log
+            logged["balance_loss"] += self.stage.balance.to(x.device)
         return logged
 
     def _loss(
         self,
         model: DeepSeekV3,
-        losses: LossFn,
+        loss_args: dict[str, Any],
         logged: dict[str, torch.Tensor],
         h: torch.Tensor,
         windows: torch.Tensor,
     ) -> torch.Tensor:
         """The last stage's loss on one micro-batch: norm, head, MTP, and the MTP modules'
-        balance loss (each stage adds its own layers'); the runtime divides it by their count."""
-        mtp_moes = [m for m in model.model.mtp.modules() if isinstance(m, MoE)]
+        balance loss (``routing=[]``: each stage adds its own layers'); the runtime divides it
+        by their count."""
         x, y = windows[:, :-1], windows[:, 1:]
-        out = losses(model, x, y, h=model.model.norm(h), balance_layers=mtp_moes)
+        out = model.outputs(model.model.norm(h), x, y, [], **loss_args)
+        loads = [r.load for r in out.routing]
+        self.mtp_loads = [a + b for a, b in zip(self.mtp_loads, loads)] if self.mtp_loads else loads
         for key, value in logged_losses(out).items():
             logged[key] += value / self.micro_batches
-        return out["total"]
+        return out.loss
 
-    def loads(self, moe_layers):
-        if not moe_layers:
+    def loads(self):
+        if not self.moe_layers:
             return []
-        zero = torch.zeros_like(moe_layers[0].gate.e_score_correction_bias, dtype=torch.long)
-        total = torch.stack([self.step_loads.get(moe, zero) for moe in moe_layers])
+        mine = dict(zip(self.stage_moes, self.stage.loads))
+        mine.update(zip(self.mtp_moes, self.mtp_loads))
+        zero = torch.zeros_like(self.moe_layers[0].gate.e_score_correction_bias, dtype=torch.long)
+        total = torch.stack([mine.get(moe, zero) for moe in self.moe_layers])
         dist.all_reduce(total)
         return list(total)
 
@@ -356,67 +368,6 @@ class PipelineParallel(_Distributed):
     def full_model(self, model):
         self.synced(model)
         return model if self.is_main else None
-
-
-class _Stage(nn.Module):
-    """This rank's part of the model as one pipeline stage: hidden states in and out.
-
-    The first stage embeds the tokens. ``PipelineRuntime`` sends tensors shaped like its first
-    input, hidden-sized, so the ids arrive as channel 0 of a float tensor (exact below 2^24).
-    The last stage holds the final norm, the head and the MTP modules, which its loss runs; MTP
-    embeds tokens too, so it holds the embedding as well (gradients summed after the step).
-    With the sequence-wise balance loss, each stage adds its own MoE layers' term in the
-    backward (``_AddLoss``): a middle stage never sees the final loss.
-    """
-
-    def __init__(
-        self,
-        model: DeepSeekV3,
-        layers: range,
-        first: bool,
-        last: bool,
-        alpha: float | None,
-        micro_batches: int,
-    ) -> None:
-        super().__init__()
-        backbone = model.model
-        self.first, self.alpha, self.micro_batches = first, alpha, micro_batches
-        self.layers = nn.ModuleList(backbone.layers[i] for i in layers)
-        self.rotary = backbone.rotary_emb
-        if first or (last and (backbone.mtp or model.config.tie_word_embeddings)):
-            self.embed = backbone.embed_tokens
-        if last:
-            self.norm, self.lm_head, self.mtp = backbone.norm, model.lm_head, backbone.mtp
-        self.moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
-        self.balance_log = torch.zeros(())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            x = self.embed(x[..., 0].long())
-        cos, sin, mask = causal_inputs(self.rotary, x.shape[1], x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        if self.alpha is None or not self.moes:
-            return x
-        balance = sum(
-            sequence_balance_loss(moe.last_routing, x.shape[0], self.alpha) for moe in self.moes
-        )
-        self.balance_log = self.balance_log + balance.detach() / self.micro_batches
-        return _AddLoss.apply(x, balance / self.micro_batches)
-
-
-class _AddLoss(torch.autograd.Function):
-    """x unchanged; in the backward, ``loss`` (a scalar computed inside a stage) gets gradient
-    1, exactly as if it had been added to the final loss."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        ctx.dtype, ctx.device = loss.dtype, loss.device
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad, torch.ones((), dtype=ctx.dtype, device=ctx.device)
 
 
 def _owner(name: str, bounds: list[int]) -> int:
@@ -480,70 +431,3 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-def step_check(
-    layout: str, balance: str = "aux-free", batch_size: int = 4, seq_len: int = 16
-) -> dict:
-    """Run on every rank of a process group (e.g. via ``launch``): one training step of the
-    ``tiny`` preset laid out as ``layout`` ('ep' or 'pp') over all ranks — then the same step on
-    one process on the same tokens (EP: every rank's batch, concatenated), here, as reference.
-
-    Clipping is made to bite (grad_clip 0.1) and the balance loss to matter (α 0.1). Returns the
-    logged losses of both, and the worst relative error over the parameters this rank trains of
-    their gradients (after clipping) and weights (after the step), the largest bias difference,
-    and whether the step's expert loads are equal.
-    """
-    from .trainer import TrainConfig, _optimizer, _train_step  # here: trainer imports us
-
-    world = dist.get_world_size()
-    cfg = TrainConfig(
-        **{layout: world},
-        balance=balance,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        alpha=0.1,
-        grad_clip=0.1,
-        progress=False,
-    )
-    par = setup_parallel(cfg)
-    torch.manual_seed(cfg.seed)
-    model = DeepSeekV3(preset(cfg.preset))
-    ref = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    windows = torch.randint(
-        0, model.config.vocab_size, (par.dp_size * batch_size, seq_len + 1), generator=g
-    )
-    mine = windows[par.dp_rank * batch_size : (par.dp_rank + 1) * batch_size]
-    trained = par.prepare(model)
-    opt = _optimizer(trained, cfg)
-    x, y = mine[:, :-1], mine[:, 1:]
-    logged, loads = _train_step(par, model, opt, x, y, cfg, cfg.lr, model.moe_layers())
-    one = Parallel(torch.device("cpu"))
-    opt = _optimizer(one.prepare(ref), cfg)
-    x, y = windows[:, :-1], windows[:, 1:]
-    ref_logged, ref_loads = _train_step(one, ref, opt, x, y, cfg, cfg.lr, ref.moe_layers())
-    names = {id(p): name for name, p in model.named_parameters()}
-    theirs = dict(ref.named_parameters())
-    pairs = [(p, theirs[_global_name(model, names[id(p)])]) for p in trained.parameters()]
-    return {
-        "losses": par.reduce_logged(logged),
-        "ref_losses": one.reduce_logged(ref_logged),
-        "grad_error": max(_rel(_grad(p), _grad(q)) for p, q in pairs),
-        "weight_error": max(_rel(p.detach(), q.detach()) for p, q in pairs),
-        "bias_error": max(
-            (a.gate.e_score_correction_bias - b.gate.e_score_correction_bias).abs().max().item()
-            for a, b in zip(model.moe_layers(), ref.moe_layers())
-        ),
-        "loads_equal": all(torch.equal(a, b) for a, b in zip(loads, ref_loads)),
-    }
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    """An unused parameter's missing gradient is zero (an expert that got no token)."""
-    return p.grad if p.grad is not None else torch.zeros_like(p)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ (0 when both are zero)."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -2,7 +2,9 @@
 
     L = L_main + λ · (1/D) Σ_k L^k_MTP (eqs. 24–25) [+ Σ_layers L_Bal (eq. 17) with aux-loss]
 
-One optimizer step per batch; after it, the aux-loss-free bias update from that step's routing.
+The model computes L itself (``model(x, labels=y, **cfg.loss_args())``, see ``ModelOutput``).
+One optimizer step per batch; after it, the aux-loss-free bias update from the loads of that
+step's ``ModelOutput.routing``.
 Everything a restart needs (weights, optimizer, step, random states) is written atomically to
 ``out/last`` every ``ckpt_every`` steps, so a killed run resumes where its last checkpoint left
 (``resume.py`` says what survives a kill, and why a run folder's files never run code).
@@ -14,30 +16,26 @@ The same loop trains on several processes under torchrun (``--ep N``: expert par
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import os
-import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..accounting import count_parameters, format_count
 from ..checkpoint import load_pretrained, write_model_files
 from ..config import atomic_write_text, preset
-from ..errors import UserInputError, check_bool, check_int, check_number
+from ..errors import UserInputError
 from ..model import DeepSeekV3
-from .balance import BALANCE_MODES, max_violation, sequence_balance_loss, update_bias
+from .balance import max_violation, update_bias
+from .config import TrainConfig
 from .data import TokenData, load_tokenizer, read_corpus, train_tokenizer
 from .distributed import Parallel, setup_parallel
+from .optim import build_optimizer
 from .plots import plot_run
 from .resume import MARKER, load_state, newest_complete, save_atomically, save_state
 from .schedule import lr_at
@@ -47,133 +45,6 @@ RESUMABLE_CHANGES = {
     "steps", "log_every", "eval_every", "ckpt_every", "device", "out", "progress", "timeout_s"
 }  # fmt: skip
 EVAL_SEED = 1234  # the validation batches' generator (plus the data-parallel rank)
-
-
-@dataclass
-class TrainConfig:
-    """What a training run does; every field is a CLI flag of ``python -m dsv3lite train``."""
-
-    preset: str = "tiny"
-    steps: int = 600
-    batch_size: int = 16  # per data-parallel rank: with --ep N, N·batch_size sequences a step
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    balance: str = "aux-free"
-    gamma: float = 1e-3  # bias update speed (the report: 0.001 for most of pre-training)
-    alpha: float = 1e-4  # sequence-wise balance loss weight (the report: 0.0001)
-    mtp_lambda: float = 0.3  # λ of eq. (25) (the report: 0.3, then 0.1)
-    fp8: bool = False  # §3.3.1's recipe: attention projections and expert Linears in FP8
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    seed: int = 0
-    device: str = "cpu"
-    data: str | None = None
-    out: str = "runs/tiny"
-    progress: bool = True
-    ep: int = 1  # expert-parallel ranks (torchrun --nproc-per-node ep)
-    pp: int = 1  # pipeline stages, one per rank (torchrun --nproc-per-node pp)
-    micro_batches: int = 0  # --pp: the batch's split for the pipeline (0: up to 2·pp)
-    timeout_s: float = 60.0  # how long a collective waits for a frozen or dead rank (torchrun)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        """Clear errors naming the field and what is allowed, before any work starts (the
-        command line names the flag: TrainConfig.grad_clip is --grad-clip)."""
-        positive = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches")
-        for name in (*positive, "ckpt_every", "ep", "pp"):
-            check_int(f"TrainConfig.{name}", getattr(self, name), 1)
-        for name in ("warmup", "micro_batches", "seed"):
-            check_int(f"TrainConfig.{name}", getattr(self, name), 0)
-        # NaN or infinity in any of these trains NaN (or never stops waiting) without an error;
-        # grad_clip 0 would zero every gradient, a negative one flip them
-        for name in ("lr", "min_lr", "grad_clip", "timeout_s"):
-            check_number(f"TrainConfig.{name}", getattr(self, name))
-        for name in ("weight_decay", "gamma", "alpha", "mtp_lambda"):  # 0 switches the term off
-            check_number(f"TrainConfig.{name}", getattr(self, name), strict=False)
-        for name in ("fp8", "progress"):
-            check_bool(f"TrainConfig.{name}", getattr(self, name))
-        if self.min_lr > self.lr:
-            raise UserInputError(
-                f"TrainConfig.min_lr must be <= lr, got min_lr={self.min_lr}, lr={self.lr}"
-            )
-        if self.balance not in BALANCE_MODES:
-            raise UserInputError(
-                f"TrainConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}"
-            )
-        # '' is the current folder: a run would write its files there, or read every text in it
-        if not (isinstance(self.out, str) and self.out.strip()):
-            raise UserInputError(f"TrainConfig.out must name the run folder, got {self.out!r}")
-        if self.data is not None and not (isinstance(self.data, str) and self.data.strip()):
-            raise UserInputError(f"TrainConfig.data must name a file or folder, got {self.data!r}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise UserInputError(f"TrainConfig.out must be a folder, but {self.out} is a file")
-        self._validate_device()
-        self._validate_layout()
-        self._validate_memory()
-
-    def _validate_device(self) -> None:
-        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise UserInputError(
-                f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-            )
-        if self.device == "cpu":
-            return
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise UserInputError(
-                f"TrainConfig.device is {self.device!r} but torch sees no CUDA GPU; use 'cpu'"
-            )
-        index = int(self.device.partition(":")[2] or 0)
-        if index >= count:
-            raise UserInputError(
-                f"TrainConfig.device is {self.device!r} but torch sees {count} GPU(s): "
-                f"cuda:0 to cuda:{count - 1}"
-            )
-
-    def _validate_memory(self) -> None:
-        """Refuse a model whose fp32 weights, gradients and two AdamW moments (16 bytes a
-        parameter) exceed the device's memory: v3-671b would start allocating terabytes."""
-        params = count_parameters(preset(self.preset, **self.model_overrides))
-        n = params.total_sum + params.mtp_total
-        need, have = 16 * n, _memory_bytes(self.device)
-        if have is not None and need > have:
-            raise UserInputError(
-                f"TrainConfig.preset {self.preset!r} has {format_count(n)} parameters: training "
-                f"needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients, AdamW moments), "
-                f"but {self.device} has {have / 2**30:,.0f} GiB; choose 'tiny' or 'small'"
-            )
-
-    def _validate_layout(self) -> None:
-        if self.ep > 1 and self.pp > 1:
-            raise UserInputError(
-                f"TrainConfig.ep={self.ep} and pp={self.pp}: expert and pipeline parallelism "
-                "together are not supported; use one of them"
-            )
-        if self.micro_batches and self.pp == 1:
-            raise UserInputError(
-                "TrainConfig.micro_batches splits the batch for --pp > 1; leave it 0"
-            )
-        if self.micro_batches and self.batch_size % self.micro_batches:
-            raise UserInputError(
-                f"TrainConfig.micro_batches ({self.micro_batches}) must divide batch_size "
-                f"({self.batch_size}): every micro-batch holds as many sequences"
-            )
-
-
-def _memory_bytes(device: str) -> int | None:
-    """The GPU's memory, or the machine's RAM for 'cpu'; None where the OS does not say."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
-        return None
 
 
 @dataclass
@@ -228,7 +99,7 @@ def train(
         to_fp8(model)
     data = TokenData.from_text(text, tok)
     entropy = data.unigram_entropy()
-    opt = _optimizer(trained, cfg)
+    opt = build_optimizer(trained, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + par.dp_rank)
     step = 0
     if state is not None:
@@ -293,67 +164,20 @@ def _train_step(
     moe_layers: list[torch.nn.Module],
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """One optimizer step laid out by ``par`` (clipped on the global gradient norm), then the
-    aux-loss-free bias update from the step's loads; returns the loss fields to log and the
-    loads."""
+    aux-loss-free bias update from the step's loads (of ``moe_layers``, in order); returns the
+    loss fields to log and the loads."""
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        logged = par.forward_backward(model, x, y, functools.partial(_losses, cfg=cfg))
+        logged = par.forward_backward(model, x, y, cfg.loss_args())
     par.clip_grad_norm_(cfg.grad_clip)
     opt.step()
-    loads = par.loads(moe_layers)
+    loads = par.loads()
     if cfg.balance == "aux-free":
         update_bias(moe_layers, loads, cfg.gamma)
     return logged, loads
-
-
-def _losses(
-    model: DeepSeekV3,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: TrainConfig,
-    h: torch.Tensor | None = None,
-    balance_layers: list[torch.nn.Module] | None = None,
-) -> dict:
-    """Main next-token loss, the MTP losses (eq. 24: depth k predicts y shifted by k; a mean
-    over its T−k positions, where eq. 24 divides the sum by T: a constant factor (T−k)/T), and the
-    sequence-wise balance loss over every MoE layer when balance == 'aux-loss'.
-
-    A pipeline's last stage passes ``h``, the final hidden states (normed) it computed, and as
-    ``balance_layers`` only the MoE layers it ran here (the MTP modules'; each stage adds its
-    own layers' term)."""
-    if h is None:
-        h = model.hidden_states(x)
-    logits = model.lm_head(h)
-    vocab = logits.shape[-1]
-    main = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
-    total = main
-    out = {"main": main}
-    per_depth = []
-    for k, module in enumerate(model.model.mtp, start=1):  # as DeepSeekV3.forward_with_mtp
-        t = x.shape[1] - k
-        if t <= 0:
-            break
-        h = model.mtp_step(module, h[:, :t], x[:, k:], start=0)
-        mtp_logits = model.lm_head(module.shared_head.norm(h))
-        per_depth.append(
-            F.cross_entropy(mtp_logits.float().reshape(-1, vocab), y[:, k:].reshape(-1))
-        )
-    if per_depth:
-        out["mtp"] = per_depth
-        total = total + cfg.mtp_lambda * sum(per_depth) / len(per_depth)  # eq. (25)
-    if cfg.balance == "aux-loss":
-        layers = model.moe_layers() if balance_layers is None else balance_layers
-        bal = sum(
-            (sequence_balance_loss(moe.last_routing, x.shape[0], cfg.alpha) for moe in layers),
-            main.new_zeros(()),
-        )
-        out["balance"] = bal
-        total = total + bal
-    out["total"] = total
-    return out
 
 
 @torch.no_grad()
@@ -372,8 +196,7 @@ def evaluate(
     for _ in range(cfg.eval_batches):
         x, y = (t.to(device) for t in data.batch("val", cfg.batch_size, cfg.seq_len, gen))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+            total += model(x, labels=y).main_loss.item()
     return total / cfg.eval_batches
 
 
@@ -392,18 +215,6 @@ def _row(step, lr, values: dict[str, float], loads, tokens_per_s, entropy) -> di
     }
     row.update((k, v) for k, v in values.items() if k != "loss")  # mtp_loss, balance_loss
     return row
-
-
-def _optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (β 0.9/0.95) over ``module``'s parameters (the model, or a pipeline stage); weight
-    decay on matrices only, never on norms."""
-    decay = [p for p in module.parameters() if p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def _save_model(
