@@ -121,7 +121,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match="mtp=True"):
         model(torch.zeros(1, 1, dtype=torch.long), mtp=True, cache=model.new_cache(1, 4))
     ids = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="labels must have the shape"):
+    with pytest.raises(ValueError, match="labels must be a tensor with the shape"):
         model(ids, ids[:, 1:])
     with pytest.raises(ValueError, match="labels must be a tensor"):
         model(ids, model.new_cache(1, 4))  # the cache is a keyword argument

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..testing import rel_err
+
 
 class ExerciseError(AssertionError):
     """A wrong answer. ``str(err)`` says what is wrong, ``err.hint`` how to put it right, and
@@ -101,16 +103,6 @@ def expect_shape(
     if reason:
         message += f": {reason}"
     raise ExerciseError(message, hint=hint, seed=seed)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖got − ref‖ / ‖ref‖ in float64 (GUIDE §5's measure); inf when got has NaN or Inf."""
-    got, ref = got.double(), ref.double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    norm = ref.norm()
-    diff = (got - ref).norm()
-    return float(diff / norm) if norm > 0 else float(diff)
 
 
 def close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..kernels import TRITON_AVAILABLE, TRITON_MISSING_REASON
+from ..testing import rel_err
 from ._check import (
     ExerciseError,
     as_tensor,
@@ -20,7 +21,6 @@ from ._check import (
     expect_shape,
     fresh_seed,
     passed,
-    rel_err,
     seeded,
 )
 from .fp8_numerics import BLOCK, check_scales, tricky_activations

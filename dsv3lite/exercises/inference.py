@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..testing import rel_err
 from ._check import (
     ExerciseError,
     as_tensor,
@@ -15,7 +16,6 @@ from ._check import (
     expect_shape,
     fresh_seed,
     passed,
-    rel_err,
     seeded,
 )
 

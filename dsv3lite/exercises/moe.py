@@ -8,6 +8,7 @@ import torch
 
 from ..config import preset
 from ..model.moe import Gate
+from ..testing import rel_err
 from ._check import (
     ExerciseError,
     as_tensor,
@@ -16,7 +17,6 @@ from ._check import (
     expect_shape,
     fresh_seed,
     passed,
-    rel_err,
     seeded,
 )
 

@@ -8,6 +8,7 @@ import torch
 
 from ..config import preset
 from ..model.mtp import MTPModule
+from ..testing import rel_err
 from ._check import (
     ExerciseError,
     as_tensor,
@@ -17,7 +18,6 @@ from ._check import (
     expect_shape,
     fresh_seed,
     passed,
-    rel_err,
     seeded,
 )
 

@@ -81,13 +81,10 @@ class DeepSeekV3(nn.Module):
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
 
-    def moe_layers(self) -> list[nn.Module]:
+    def moe_layers(self) -> list[MoE]:
         """Every MoE FFN, main layers first, then the MTP modules' (the order of
-        ``ModelOutput.routing``): ``MoE``, or, once ``shard_moe_layers`` has run, this rank's
-        ``ExpertParallelMoE`` shards (both have the ``gate`` whose bias balancing updates)."""
-        from ..parallel.expert_parallel import ExpertParallelMoE  # lazy: parallel imports model
-
-        return [m for m in self.modules() if isinstance(m, (MoE, ExpertParallelMoE))]
+        ``ModelOutput.routing``), whatever their dispatcher (local or expert-parallel)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache for the current attn_impl (max_len defaults to the position limit)."""

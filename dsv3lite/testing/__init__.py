@@ -11,13 +11,15 @@ import torch
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, computed in float64 (so that the measure itself does not round); 0 when
-    both are zero, and inf when only ``b`` is."""
+    """‖a − b‖ / ‖b‖, computed in float64 (so that the measure itself does not round).
+
+    inf when ``a`` holds a NaN or an infinity (NaN would pass no threshold either, but says less);
+    ‖a − b‖ itself when ``b`` is zero, so that two zeros agree exactly."""
     a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
     diff, norm = (a - b).norm().item(), b.norm().item()
-    if norm == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return diff / norm
+    return diff / norm if norm > 0 else diff
 
 
 __all__ = ["rel_err"]
