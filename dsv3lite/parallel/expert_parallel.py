@@ -175,7 +175,6 @@ class ExpertParallelMoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self.last_routing: Routing | None = None
 
     @classmethod
     def from_moe(
@@ -251,11 +250,10 @@ class ExpertParallelMoE(nn.Module):
         return y.index_add_(0, plan.token, back.to(acc) * plan.weight[:, None].to(acc))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = self.gate(x)
-        self.last_routing = routing
         recv_counts, pending = self.exchange_counts(routing)
         pending.wait()
         plan = self.plan(routing, recv_counts)
@@ -266,7 +264,7 @@ class ExpertParallelMoE(nn.Module):
         y = self.weighted_sum(back, plan, x.shape[0]).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.view(shape), routing
 
     def ranks_reached(self, routing: Routing) -> torch.Tensor:
         """[N] how many distinct ranks each token's experts live on (node-limited routing)."""
@@ -338,7 +336,7 @@ def ep_check(tokens_per_rank: int = 32, seed: int = 0, fp8_dispatch: bool = Fals
             p.normal_(0.0, 0.1)
     x = torch.randn(world * tokens_per_rank, config.hidden_size)
     probe = torch.randn_like(x)
-    ref = moe(x)
+    ref, _ = moe(x)
     (ref * probe).sum().backward()
     mine = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
 
@@ -347,7 +345,7 @@ def ep_check(tokens_per_rank: int = 32, seed: int = 0, fp8_dispatch: bool = Fals
     recv_counts, pending = ep.exchange_counts(routing)
     pending.wait()
     plan = ep.plan(routing, recv_counts)
-    y = ep(x[mine])
+    y, _ = ep(x[mine])
     (y * probe[mine]).sum().backward()
     theirs = moe.experts[ep.first_expert : ep.first_expert + ep.n_local]
     return {
