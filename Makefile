@@ -72,7 +72,7 @@ doctor:
 # Always online (it is what makes offline possible); run again to add what changed.
 # WHEEL_FLAGS passes more to pip download.
 wheelhouse: $(BIN)/python
-	$(BIN)/python -m pip download --dest $(WHEELHOUSE) $(TORCH_INDEX) $(WHEEL_FLAGS) \
+	$(BIN)/python -m pip download --dest $(WHEELHOUSE) $(TORCH_INDEX) $(if $(TORCH_INDEX),--retries 2,) $(WHEEL_FLAGS) \
 		pip "setuptools>=68" wheel $(TORCH_SPEC) ".[dev]"
 	@echo "$(WHEELHOUSE)/: $$(ls $(WHEELHOUSE) | wc -l) files, $$(du -sh $(WHEELHOUSE) | cut -f1)"
 

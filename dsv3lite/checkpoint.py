@@ -3,7 +3,7 @@
 A checkpoint is a directory holding ``config.json`` and either one ``model.safetensors`` or
 several ``model-0000i-of-0000n.safetensors`` shards listed by ``model.safetensors.index.json``
 (its ``weight_map`` says which shard holds each key). The keys are our module names, with two
-exceptions the release imposes:
+exceptions the release imposes and one of ours:
 
 * MTP module k (report §2.2) is stored as one more decoder layer, ``model.layers.{L + k}.*``
   (L = num_hidden_layers), not under ``model.mtp.{k}.*`` as here.
@@ -11,6 +11,10 @@ exceptions the release imposes:
   (``embed_tokens.weight``, ``shared_head.head.weight``), so that it can be served on its own.
   Our MTP modules *share* the main model's (the report's design), so we write the copies and,
   on load, check that they equal the main ones and drop them.
+* Routed experts are stored expert by expert (``mlp.experts.{j}.{gate,up,down}_proj.weight``)
+  but held stacked in memory (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I],
+  as transformers 5 holds them): each per-expert key reads into, and writes from, a view of
+  its slice of the stack.
 
 The release ships its weights in FP8 (report §3.3): every Linear weight inside the decoder
 layers (not the gate, the embedding, the head or the norms) is ``float8_e4m3fn`` with a float32
@@ -44,6 +48,7 @@ from .config import ModelConfig
 from .errors import UserInputError
 from .fp8.quant import BLOCK, weight_dequant, weight_quant
 from .model import DeepSeekV3
+from .model.experts import Experts
 from .model.rope import RotaryEmbedding
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -120,11 +125,28 @@ def fp8_weight_names(model: DeepSeekV3) -> set[str]:
     """The weights the release stores in FP8: every nn.Linear in the decoder layers and MTP
     modules. The router (``mlp.gate``, not an nn.Linear here) stays high precision, as do the
     embedding, the head and the norms: they are small, or too sensitive (report §3.3.1)."""
-    return {
+    linears = {
         f"{name}.weight"
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith(("model.layers.", "model.mtp."))
     }
+    return linears | set(_expert_weights(model))
+
+
+def _expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The release's per-expert keys, each a view of the stacked ``Experts`` parameters that
+    holds it: ``experts.{i}.gate_proj.weight`` = gate_up_proj[i, :I], ``up_proj`` =
+    gate_up_proj[i, I:], ``down_proj`` = down_proj[i] (our names: MTP modules not moved yet)."""
+    views = {}
+    for name, experts in model.named_modules():
+        if isinstance(experts, Experts):
+            gate_up, down = experts.gate_up_proj, experts.down_proj
+            i = down.shape[2]
+            for j in range(len(experts)):
+                views[f"{name}.{j}.gate_proj.weight"] = gate_up[j, :i]
+                views[f"{name}.{j}.up_proj.weight"] = gate_up[j, i:]
+                views[f"{name}.{j}.down_proj.weight"] = down[j]
+    return views
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -354,11 +376,25 @@ def _rebuild_non_persistent(model: nn.Module, config: ModelConfig, device: torch
 
 
 def _targets(model: DeepSeekV3) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint must provide: parameters and persistent buffers, each once."""
-    targets = model.state_dict(keep_vars=True)
+    """Every tensor a checkpoint must provide: parameters and persistent buffers, each once,
+    stacked experts as the views that the release's per-expert keys fill (in expert order)."""
+    experts = _expert_weights(model)
+    targets = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.endswith(".experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            targets.update((k, v) for k, v in experts.items() if k.startswith(prefix))
+        elif not name.endswith(".experts.down_proj"):
+            targets[name] = tensor
     if model.config.tie_word_embeddings:
         del targets["lm_head.weight"]  # the embedding itself
     return targets
+
+
+def release_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` under its key in the release's files (experts one by one, as
+    views of the stacks; the MTP layer's copies of the embedding and head left out)."""
+    return {disk_key(model.config, name): t.detach() for name, t in _targets(model).items()}
 
 
 def _check_copy(key: str, stored: torch.Tensor, main_name: str, main: torch.Tensor) -> None:
@@ -456,7 +492,8 @@ def _without_mtp(path: Path, config: ModelConfig, require_mtp: bool) -> ModelCon
 @dataclass
 class _Entry:
     """One tensor to write under ``key``; ``fp8`` adds its weight_scale_inv beside it, ``clone``
-    marks a duplicate of another entry (safetensors refuses two keys sharing one storage)."""
+    marks a tensor sharing its storage with others — an MTP copy, an expert's slice of the
+    stacked weights — which is copied (safetensors refuses two keys sharing one storage)."""
 
     key: str
     tensor: torch.Tensor
@@ -482,8 +519,9 @@ def _entries(model: DeepSeekV3, fp8: bool) -> list[_Entry]:
     """Every tensor of the checkpoint in the release's names, the MTP copies included."""
     config = model.config
     quantized = fp8_weight_names(model) if fp8 else set()
+    views = set(_expert_weights(model))
     entries = [
-        _Entry(disk_key(config, name), tensor, name in quantized)
+        _Entry(disk_key(config, name), tensor, name in quantized, clone=name in views)
         for name, tensor in _targets(model).items()
     ]
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight

@@ -17,8 +17,10 @@ from torch import nn
 
 from dsv3lite import DeepSeekV3, preset
 from dsv3lite.fp8 import FP8Linear, to_fp8
+from dsv3lite.fp8.linear import fp8_linear
 from dsv3lite.fp8.recipe import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from dsv3lite.kernels import fp8_quant as fq
+from dsv3lite.model.experts import Experts
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
@@ -145,7 +147,9 @@ def test_to_fp8_converts_the_report_s_gemms_only():
         "q_proj"
     }
     assert plain == {"lm_head"} | {f"model.mtp.{k}.eh_proj" for k in range(1)}
-    assert any(".mlp.experts." in n for n in fp8) and any(".shared_experts." in n for n in fp8)
+    assert any(".shared_experts." in n for n in fp8) and not any(".experts." in n for n in plain)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]  # stacked: no Linear
+    assert experts and all(m.linear.func is fp8_linear for m in experts)
     assert any(n.startswith("model.mtp.") for n in fp8)
     assert {k: v.shape for k, v in model.state_dict().items()} == keys
     assert all(p is params[n] for n, p in model.named_parameters())  # shared, not copied

@@ -117,24 +117,24 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def routed_moe_error(device: str) -> float:
-    """moe_forward against the package's MoE.routed (bf16, tiny config): the model patch."""
+    """moe_forward on the model's stacked experts against its local dispatch (bf16, tiny)."""
     from dsv3lite.config import preset
     from dsv3lite.kernels.grouped_gemm import moe_forward
-    from dsv3lite.model.moe import MoE
+    from dsv3lite.model.moe import LocalDispatcher, MoE
 
     torch.manual_seed(0)
     config = preset("tiny")
     moe = MoE(config).to(device, torch.bfloat16)
+    moe.experts.impl = "local"
     with torch.no_grad():
         moe.gate.weight.normal_()
         x = torch.randn(10, config.hidden_size, device=device, dtype=torch.bfloat16)
         routing = moe.gate(x)
-        ref = moe.routed(x, routing)
-        w_gate_up = torch.stack(
-            [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in moe.experts]
+        ref = LocalDispatcher()(moe.experts, None, x, routing)
+        experts = moe.experts
+        out = moe_forward(
+            x, routing.indices, routing.weights, experts.gate_up_proj, experts.down_proj
         )
-        w_down = torch.stack([e.down_proj.weight for e in moe.experts])
-        out = moe_forward(x, routing.indices, routing.weights, w_gate_up, w_down)
     return _rel(out, ref.float())
 
 

@@ -3,6 +3,7 @@ backward) and as the single-process layer; the timeline shows communication unde
 
 from __future__ import annotations
 
+import copy
 import statistics
 
 import pytest
@@ -12,9 +13,11 @@ import torch.distributed as dist
 from dsv3lite.config import preset
 from dsv3lite.model.block import DecoderLayer
 from dsv3lite.model.rope import RotaryEmbedding
+from dsv3lite.parallel.expert_parallel import shard_moe
 from dsv3lite.parallel.launch import launch
-from dsv3lite.parallel.overlap import EPDecoderLayer, Interval, Timeline, measure_overlap
+from dsv3lite.parallel.overlap import Interval, Timeline
 from dsv3lite.parallel.pipeline import causal_inputs
+from dsv3lite.testing.ep import measure_overlap
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,10 +38,10 @@ def _grad_worker(seed: int) -> dict:
     cos, sin, mask = causal_inputs(RotaryEmbedding(config), 16, x.device)
     out = {}
     for overlap in (False, True):
-        layer.zero_grad(set_to_none=True)  # the EP layer shares the attention and norms
-        ep = EPDecoderLayer.from_layer(layer)
+        ep = copy.deepcopy(layer)
+        shard_moe(ep.mlp, overlap=overlap)
         xs = x.clone().requires_grad_()
-        y = ep(xs, cos, sin, mask, overlap=overlap)
+        y, _ = ep(xs, cos, sin, mask)
         (y * probe).sum().backward()
         grads = {n: p.grad.clone() for n, p in ep.named_parameters() if p.grad is not None}
         out[overlap] = (y.detach(), xs.grad, grads)
@@ -88,9 +91,3 @@ def test_hidden_fraction_arithmetic():
     assert tl.hidden_fraction() == pytest.approx(1.5 / 2.5)
     assert tl.totals()["comm_s"] == pytest.approx(2.5)
     assert tl.totals()["wall_s"] == pytest.approx(4.0)
-
-
-def test_batch_of_one_is_refused():
-    ep = EPDecoderLayer(DecoderLayer(preset("tiny"), 1), moe=None)  # refused before any comm
-    with pytest.raises(ValueError, match="batch >= 2"):
-        ep(torch.zeros(1, 4, 128), None, None, None)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from ..model.moe import Routing
-from ..parallel.expert_parallel import ExpertParallelMoE
+from ..parallel.expert_parallel import ExpertParallelDispatcher
 from ._check import ExerciseError, as_tensor, call, expect_shape, fresh_seed, passed, seeded
 
 HINT = (
@@ -22,17 +22,14 @@ CASES = ((50, 4, 16, 4), (33, 6, 32, 8), (20, 2, 8, 1), (40, 3, 8, 8))
 
 
 def reference(indices: torch.Tensor, n_experts: int, world_size: int) -> list[int]:
-    """``send_splits`` as ``ExpertParallelMoE.plan`` computes it. ``plan`` reads only the
-    config, the EP size and the number of local experts from the module, so a stand-in with
-    those three gives the package's own answer without starting a process group."""
-    stand_in = SimpleNamespace(
-        config=SimpleNamespace(n_routed_experts=n_experts),
-        ep_size=world_size,
-        n_local=n_experts // world_size,
-    )
-    routing = Routing(weights=torch.zeros(indices.shape), indices=indices, scores=None, load=None)
+    """``send_splits`` as ``ExpertParallelDispatcher.plan`` computes it. ``plan`` reads only the
+    EP size and the number of local experts from the dispatcher, so a stand-in with those two
+    gives the package's own answer without starting a process group."""
+    stand_in = SimpleNamespace(ep_size=world_size, n_local=n_experts // world_size)
+    load = torch.bincount(indices.flatten(), minlength=n_experts)  # as the gate counts it
+    routing = Routing(weights=torch.zeros(indices.shape), indices=indices, scores=None, load=load)
     recv_counts = torch.zeros(world_size, n_experts // world_size, dtype=torch.long)
-    return ExpertParallelMoE.plan(stand_in, routing, recv_counts).send_splits
+    return ExpertParallelDispatcher.plan(stand_in, routing, recv_counts).send_splits
 
 
 def check_dispatch_counts(dispatch_counts: Callable, *, seed: int | None = None) -> None:
@@ -42,7 +39,7 @@ def check_dispatch_counts(dispatch_counts: Callable, *, seed: int | None = None)
     row); experts are sharded contiguously, rank r owning [r·E/W, (r+1)·E/W). The answer
     ``counts`` (a list or tensor of ``world_size`` integers) is how many rows this rank sends
     to each rank in the dispatch all-to-all: one per (token, expert) pair, as
-    ``ExpertParallelMoE`` sends them (``send_splits`` of its ``plan``). Checked on four layouts,
+    ``ExpertParallelDispatcher`` sends them (``send_splits`` of its ``plan``). Checked on four layouts,
     one rank and one expert per rank included. Raises ExerciseError saying what is wrong; prints
     a line when right.
     """
@@ -92,4 +89,6 @@ def check_dispatch_counts(dispatch_counts: Callable, *, seed: int | None = None)
         else:
             message = f"counts {counts}, expected {ref}"
         raise ExerciseError(message + where, hint=HINT, seed=seed)
-    passed(f"dispatch send counts match ExpertParallelMoE's plan on all {len(CASES)} layouts")
+    passed(
+        f"dispatch send counts match ExpertParallelDispatcher's plan on all {len(CASES)} layouts"
+    )

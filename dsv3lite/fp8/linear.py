@@ -91,6 +91,14 @@ class _FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """y = x Wᵀ with its three GEMMs in FP8 (the table above); ``FP8Linear`` without a module,
+    for weights held elsewhere (a slice of the stacked experts)."""
+    if x.shape[:-1].numel() == 0:  # no tokens: an empty output and a zero weight gradient
+        return F.linear(x, weight.to(x.dtype))
+    return _FP8LinearFunction.apply(x, weight, scale_fmt, torch.is_grad_enabled())
+
+
 class FP8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` (same parameters, same state_dict keys) computing in FP8.
 
@@ -126,10 +134,7 @@ class FP8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 0:  # no tokens: an empty output and a zero weight gradient
-            y = F.linear(x, self.weight.to(x.dtype))
-        else:
-            y = _FP8LinearFunction.apply(x, self.weight, self.scale_fmt, torch.is_grad_enabled())
+        y = fp8_linear(x, self.weight, self.scale_fmt)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

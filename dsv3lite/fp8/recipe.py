@@ -8,7 +8,8 @@ sensitive to low precision or cheap enough that FP8 would not pay. Here that mea
 * FP8: the attention projections (``q_a_proj``, ``q_b_proj`` or ``q_proj``,
   ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``) and every MLP Linear (``gate_proj``,
   ``up_proj``, ``down_proj``) — of the dense layers, the routed experts and the shared experts,
-  in the main model and in the MTP modules;
+  in the main model and in the MTP modules (the routed experts are stacked parameters, not
+  Linear modules: their ``Experts.linear`` becomes ``fp8_linear``, the same three GEMMs);
 * higher precision: the embedding, ``lm_head``, the router (``mlp.gate``), every RMSNorm, the
   attention core (scores, softmax, the weighted sum) and the MTP projection ``eh_proj``
   (it is not among the report's FP8 GEMMs; it is one small matrix per MTP module).
@@ -19,11 +20,15 @@ so after ``to_fp8`` the naive and absorbed paths differ by the FP8 error of that
 
 from __future__ import annotations
 
+import functools
+
+import torch.nn.functional as F
 from torch import nn
 
+from ..model.experts import Experts
 from ..model.mla import MLA
 from ..model.moe import MLP
-from .linear import FP8Linear
+from .linear import FP8Linear, fp8_linear
 
 ATTENTION_PROJECTIONS = (
     "q_a_proj",
@@ -37,13 +42,18 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def to_fp8(model: nn.Module, scale_fmt: str | None = None) -> nn.Module:
-    """Swap the FP8 GEMMs' nn.Linear modules of ``model`` for FP8Linear, in place; return it.
+    """Swap the FP8 GEMMs' nn.Linear modules of ``model`` for FP8Linear, and the routed
+    experts' ``Experts.linear`` for ``fp8_linear``, in place; return it.
 
     Parameters are shared, not copied, so ``state_dict`` keys and tensors are unchanged and an
     optimizer built before the call still holds the right Parameters. Calling it twice is a
     no-op the second time.
     """
     for module in list(model.modules()):
+        if isinstance(module, Experts):
+            if module.linear is F.linear:  # not converted yet
+                module.linear = functools.partial(fp8_linear, scale_fmt=scale_fmt)
+            continue
         if isinstance(module, MLA):
             names = ATTENTION_PROJECTIONS
         elif isinstance(module, MLP):

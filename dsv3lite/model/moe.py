@@ -24,13 +24,14 @@ tests/test_moe.py::test_dropped_groups_never_win.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels._triton import AVAILABLE as TRITON_AVAILABLE
+from .experts import Experts
 
 
 class MLP(nn.Module):
@@ -100,21 +101,26 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Gate + routed experts (run on tokens grouped by expert) + shared experts."""
+    """Gate + routed experts + shared experts (eq. 12).
+
+    The routed part goes through ``dispatcher``: a ``LocalDispatcher`` (every expert on this
+    process) unless ``dsv3lite.parallel.shard_moe_layers`` plugged in its expert-parallel one.
+    Both share ``sort_pairs`` and ``combine``; only where the sorted rows are computed differs.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.moe_intermediate_size)
-            for _ in range(config.n_routed_experts)
+        self.experts = Experts(
+            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         )
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
             else None
         )
+        self.dispatcher: Dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """x [..., hidden] → (y of the same shape, the Routing of its tokens). The routing is
@@ -123,60 +129,55 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         routing = self.gate(x)
-        y = self.routed(x, routing)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        y = self.dispatcher(self.experts, self.shared_experts, x, routing)
         return y.view(shape), routing
 
-    def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Σ_i g_{i,t} FFN_i(x_t): sort the (token, expert) pairs by expert, run each expert once
-        on its contiguous slice (offsets from the per-expert counts), scatter-add back."""
-        fast = TRITON_AVAILABLE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        if fast and not torch.is_grad_enabled():
-            from ..kernels.grouped_gemm import moe_forward
 
-            return moe_forward(x, routing.indices, routing.weights, *self._stacked_experts())
-        k = routing.indices.shape[1]
-        flat = routing.indices.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = routing.load.tolist()  # one host sync, not one per expert
-        xs = x[token]
-        # each expert's slice is contiguous; cat (not slice assignment) keeps backward cheap
-        pieces, start = [], 0
-        for expert, n in zip(self.experts, counts):
-            if n:
-                pieces.append(expert(xs[start : start + n]))
-            start += n
-        out = torch.cat(pieces) if pieces else xs
-        # accumulate the K_r contributions of a token in at least fp32, as bf16 sums would round
-        acc = torch.promote_types(x.dtype, torch.float32)
-        w = routing.weights.flatten()[order, None].to(acc)
-        y = torch.zeros_like(x, dtype=acc).index_add_(0, token, out.to(acc) * w)
-        return y.to(x.dtype)
+@dataclass
+class Pairs:
+    """A Routing's (token, expert) pairs sorted by expert, numbered token-major before the sort
+    (pair p = token p // K_r, its (p % K_r)-th choice). Expert i owns the sorted rows from
+    counts[0] + … + counts[i-1] on, so each expert's rows are one contiguous slice."""
 
-    def _stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert weights stacked for the grouped GEMM: [E, 2I, hidden] (gate rows, then up
-        rows) and [E, hidden, I]. Built once and rebuilt only when a weight changes (its
-        version counter moves: optimizer steps, load_state_dict); costs one more copy of the
-        experts' weights in memory."""
-        params = [
-            p
-            for e in self.experts
-            for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)
-        ]
-        key = tuple((p.data_ptr(), _version(p)) for p in params)
-        if getattr(self, "_stacked_key", None) != key:
-            self._stacked = (
-                torch.stack(
-                    [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]
-                ),
-                torch.stack([e.down_proj.weight for e in self.experts]),
-            )
-            self._stacked_key = key
-        return self._stacked
+    token: torch.Tensor  # [N·K_r] the token of each sorted pair (stable: by token in an expert)
+    weight: torch.Tensor  # [N·K_r] g_{i,t} of each sorted pair (fp32, with grad)
+    counts: torch.Tensor  # [N_r] pairs per expert: the gate's load, counted once
 
 
-def _version(p: torch.Tensor) -> int:
-    """A tensor's in-place-update counter; inference tensors have none (and no optimizer)."""
-    return -1 if p.is_inference() else p._version
+def sort_pairs(routing: Routing) -> Pairs:
+    """Sort the pairs by expert (on the device: no host sync)."""
+    order = routing.indices.flatten().argsort(stable=True)
+    return Pairs(
+        token=order // routing.indices.shape[1],
+        weight=routing.weights.flatten()[order],
+        counts=routing.load,
+    )
+
+
+def combine(out: torch.Tensor, pairs: Pairs, n_tokens: int) -> torch.Tensor:
+    """Σ_i g_{i,t} FFN_i(u_t) (eq. 12, routed part) from the sorted rows' outputs [N·K_r, H]: a
+    weighted scatter-add, in at least fp32 (a token's K_r terms summed in bf16 would round)."""
+    acc = torch.promote_types(out.dtype, torch.float32)
+    y = out.new_zeros((n_tokens, out.shape[1]), dtype=acc)
+    return y.index_add_(0, pairs.token, out.to(acc) * pairs.weight[:, None].to(acc))
+
+
+class Dispatcher(Protocol):
+    """How an MoE layer computes its routed part: (experts, shared experts or None, tokens
+    x [N, hidden], their Routing) → routed + shared output [N, hidden] in x's dtype. It is given
+    the shared experts so that it may run them while routed tokens are in flight."""
+
+    def __call__(
+        self, experts: Experts, shared: nn.Module | None, x: torch.Tensor, routing: Routing
+    ) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Every expert on this process: sort the pairs, run the experts, combine."""
+
+    def __call__(
+        self, experts: Experts, shared: nn.Module | None, x: torch.Tensor, routing: Routing
+    ) -> torch.Tensor:
+        pairs = sort_pairs(routing)
+        y = combine(experts(x[pairs.token], pairs.counts), pairs, x.shape[0]).to(x.dtype)
+        return y if shared is None else y + shared(x)

@@ -10,9 +10,14 @@ experts are replicated. Every rank routes its own tokens, then:
    (all_to_all_single with uneven splits; optionally FP8: 1×128 tiles + scales, dequantized on
    arrival, as the report dispatches in FP8);
 3. **expert compute** — received rows sorted by local expert, one contiguous slice per expert
-   (as ``MoE.routed`` does on one process);
+   (the ``Experts`` module, as on one process);
 4. **combine** — the outputs travel back by the reverse all-to-all (full precision), and the
    token's home rank forms Σ_i g_{i,t} FFN_i(u_t) (eq. 12) in fp32, plus the shared experts.
+
+The MoE layer is the model's own: ``shard_moe`` cuts its stacked experts to this rank's slice
+and plugs an ``ExpertParallelDispatcher`` in place of its ``LocalDispatcher`` (the model does
+not know about process groups). The sort and the weighted combine are the ones the local path
+uses (``moe.sort_pairs``, ``moe.combine``), and the per-expert counts are the gate's load.
 
 The all-to-all is differentiable: its backward is the reverse all-to-all of the gradients, so
 ``loss.backward()`` on every rank trains the sharded experts exactly as one process would.
@@ -26,35 +31,23 @@ here each (token, expert) pair travels on its own, the simpler scheme.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig, preset
+from ..config import ModelConfig
 from ..fp8 import FP8, act_dequant, act_quant
-from ..model.moe import MLP, Gate, MoE, Routing
+from ..model.experts import Experts
+from ..model.moe import MoE, Pairs, Routing, combine, sort_pairs
 from .launch import check_same_on_all_ranks
+from .overlap import OVERLAPPED, SEQUENTIAL, Pending
 
-
-class Pending:
-    """An exchange in flight: ``wait()`` blocks until it has landed (and, for FP8, dequantizes
-    it into the output), once. ``works`` are torch.distributed Work handles."""
-
-    def __init__(self, works: list, finish: Callable[[], None] | None = None) -> None:
-        self.works, self.finish, self.done = works, finish, False
-
-    def wait(self) -> None:
-        if self.done:
-            return
-        for work in self.works:
-            work.wait()
-        if self.finish is not None:
-            with torch.no_grad():
-                self.finish()
-        self.done = True
+if TYPE_CHECKING:
+    from .overlap import Timeline
 
 
 class _AllToAll(torch.autograd.Function):
@@ -120,29 +113,26 @@ def all_to_all(
 
 @dataclass
 class DispatchPlan:
-    """Where each (token, expert) pair goes and comes back; made by ``ExpertParallelMoE.plan``.
+    """Where each (token, expert) pair goes and comes back; made by ``plan``."""
 
-    Pairs are numbered token-major (pair p = token p // K_r, its (p % K_r)-th expert).
-    """
-
-    order: torch.Tensor  # [N·K_r] pairs sorted by expert, hence by destination rank
-    token: torch.Tensor  # [N·K_r] token of each sorted pair
-    weight: torch.Tensor  # [N·K_r] g_{i,t} of each sorted pair (fp32, with grad)
+    pairs: Pairs  # this rank's pairs sorted by expert, hence by destination rank
     send_splits: list[int]  # pairs sent to each rank
     recv_splits: list[int]  # rows received from each rank
     recv_counts: torch.Tensor  # [EP, local experts]: rows from rank s for local expert j
     recv_order: torch.Tensor  # received rows sorted by local expert
 
 
-class ExpertParallelMoE(nn.Module):
-    """DeepSeekMoE with its routed experts sharded over the ranks of ``group`` (default: all).
+class ExpertParallelDispatcher:
+    """The routed part of an MoE layer with its experts sharded over the ranks of ``group``
+    (default: all). Plugged into a ``MoE`` by ``shard_moe`` (its ``Experts`` then hold only
+    this rank's slice), it is called as the MoE's ``LocalDispatcher`` is, on this rank's tokens,
+    and returns what the MoE would on them; the backward gives each rank its experts' gradients
+    from every rank's tokens (the gate's and shared experts' are this rank's share, to be
+    all-reduced like any data-parallel gradient: ``reduce_gradients`` does both).
 
-    Build it from a single-process ``MoE`` with ``from_moe`` (each rank keeps its slice of the
-    experts, a copy of the gate and of the shared experts); then ``forward`` on each rank's
-    tokens equals the MoE's forward on those tokens, and backward gives each rank its experts'
-    gradients from every rank's tokens (the gate's and shared experts' are this rank's share,
-    to be all-reduced like any data-parallel gradient: ``reduce_gradients`` does both). For a
-    whole model, ``shard_moe_layers`` swaps each MoE for its shard.
+    ``fp8_dispatch`` sends the dispatched rows in E4M3 (1×128 tiles); ``overlap`` splits the
+    tokens into two micro-batches and runs ``overlap.OVERLAPPED``, else every collective is
+    awaited at once (``SEQUENTIAL``). Set ``timeline`` to a ``Timeline`` to record the ops.
     """
 
     def __init__(
@@ -150,73 +140,41 @@ class ExpertParallelMoE(nn.Module):
         config: ModelConfig,
         group: dist.ProcessGroup | None = None,
         fp8_dispatch: bool = False,
+        overlap: bool = False,
     ) -> None:
-        super().__init__()
-        self.config, self.group, self.fp8_dispatch = config, group, fp8_dispatch
+        self.group, self.fp8_dispatch, self.overlap = group, fp8_dispatch, overlap
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        if config.n_routed_experts % self.ep_size:
-            divisors = [
-                d for d in range(1, config.n_routed_experts + 1) if config.n_routed_experts % d == 0
-            ]
+        n = config.n_routed_experts
+        if n % self.ep_size:
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
             raise ValueError(
-                f"ModelConfig.n_routed_experts ({config.n_routed_experts}) must be divisible by "
-                f"the expert-parallel size ({self.ep_size}); allowed EP sizes: {divisors}"
+                f"ModelConfig.n_routed_experts ({n}) must be divisible by the expert-parallel "
+                f"size ({self.ep_size}); allowed EP sizes: {divisors}"
             )
         check_same_on_all_ranks(config.to_dict(), "ModelConfig", group)
-        self.n_local = config.n_routed_experts // self.ep_size
+        self.n_local = n // self.ep_size
         self.first_expert = self.ep_rank * self.n_local
-        self.gate = Gate(config)
-        self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.n_local)
-        )
-        self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-            if config.n_shared_experts
-            else None
-        )
-
-    @classmethod
-    def from_moe(
-        cls, moe: MoE, group: dist.ProcessGroup | None = None, fp8_dispatch: bool = False
-    ) -> ExpertParallelMoE:
-        """This rank's share of ``moe``: copies of the gate and shared experts and of its slice
-        of experts, each on the device and in the dtype of its source."""
-        ep = cls(moe.config, group, fp8_dispatch)
-        pairs = [(ep.gate, moe.gate), (ep.shared_experts, moe.shared_experts)]
-        pairs += [(e, moe.experts[ep.first_expert + j]) for j, e in enumerate(ep.experts)]
-        for mine, theirs in pairs:
-            if mine is not None:
-                copies = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
-                mine.load_state_dict(copies, assign=True)
-        return ep
+        self.timeline: Timeline | None = None
 
     # ------------------------------------------------------------------ the four steps
     def exchange_counts(self, routing: Routing) -> tuple[torch.Tensor, Pending]:
-        """Step 1a (layout): send every expert's owner how many of our pairs chose that expert.
-        Returns [EP, local experts] received counts (rows from rank s for local expert j), to be
-        read after the pending's ``wait()``."""
-        per_expert = torch.bincount(
-            routing.indices.flatten(), minlength=self.config.n_routed_experts
-        )
-        recv_counts = torch.empty_like(per_expert)
-        work = dist.all_to_all_single(recv_counts, per_expert, group=self.group, async_op=True)
+        """Step 1a (layout): send every expert's owner how many of our pairs chose that expert
+        (the gate's load). Returns [EP, local experts] received counts (rows from rank s for
+        local expert j), to be read after the pending's ``wait()``."""
+        recv_counts = torch.empty_like(routing.load)
+        work = dist.all_to_all_single(recv_counts, routing.load, group=self.group, async_op=True)
         return recv_counts.view(self.ep_size, self.n_local), Pending([work])
 
     def plan(self, routing: Routing, recv_counts: torch.Tensor) -> DispatchPlan:
         """Step 1b: sort our pairs by expert (hence by owner), and order the rows to come."""
-        k = routing.indices.shape[1]
-        flat = routing.indices.flatten()
-        order = flat.argsort(stable=True)
-        per_expert = torch.bincount(flat, minlength=self.config.n_routed_experts)
+        pairs = sort_pairs(routing)
         # received rows arrive by source rank, each source's rows sorted by expert
-        local_expert = torch.arange(self.n_local, device=flat.device).repeat(self.ep_size)
+        local_expert = torch.arange(self.n_local, device=recv_counts.device).repeat(self.ep_size)
         row_expert = torch.repeat_interleave(local_expert, recv_counts.flatten())
         return DispatchPlan(
-            order=order,
-            token=order // k,
-            weight=routing.weights.flatten()[order],
-            send_splits=per_expert.view(self.ep_size, self.n_local).sum(1).tolist(),
+            pairs=pairs,
+            send_splits=pairs.counts.view(self.ep_size, self.n_local).sum(1).tolist(),
             recv_splits=recv_counts.sum(1).tolist(),
             recv_counts=recv_counts,
             recv_order=row_expert.argsort(stable=True),
@@ -224,47 +182,77 @@ class ExpertParallelMoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, Pending]:
         """Step 2: send each pair's hidden state to its expert's owner (started, not awaited)."""
-        return all_to_all(
-            x[plan.token], plan.recv_splits, plan.send_splits, self.group, self.fp8_dispatch
-        )
+        rows = x[plan.pairs.token]
+        return all_to_all(rows, plan.recv_splits, plan.send_splits, self.group, self.fp8_dispatch)
 
-    def compute(self, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Step 3: run each local expert once on its contiguous slice of the received rows."""
-        rows = received[plan.recv_order]
-        pieces, start = [], 0
-        for expert, n in zip(self.experts, plan.recv_counts.sum(0).tolist()):
-            if n:
-                pieces.append(expert(rows[start : start + n]))
-            start += n
-        out = torch.cat(pieces) if pieces else rows  # rows: keeps the graph when nothing came
-        return out[plan.recv_order.argsort()]  # back to arrival order
+    def compute(self, experts: Experts, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Step 3: the local experts on the received rows, grouped by expert (one contiguous
+        slice each, as on one process), then put back in arrival order."""
+        out = experts(received[plan.recv_order], plan.recv_counts.sum(0))
+        return out[plan.recv_order.argsort()]
 
-    def combine(self, out: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, Pending]:
+    def send_back(self, out: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, Pending]:
         """Step 4a: send expert outputs back to the tokens' ranks (full precision; started)."""
         return all_to_all(out, plan.send_splits, plan.recv_splits, self.group)
 
-    def weighted_sum(self, back: torch.Tensor, plan: DispatchPlan, n_tokens: int) -> torch.Tensor:
-        """Step 4b: Σ_i g_{i,t} FFN_i(u_t) (eq. 12) in fp32, in the pairs' sorted order."""
-        acc = torch.promote_types(back.dtype, torch.float32)
-        y = back.new_zeros((n_tokens, back.shape[1]), dtype=acc)
-        return y.index_add_(0, plan.token, back.to(acc) * plan.weight[:, None].to(acc))
+    # Step 4b is ``moe.combine``: Σ_i g_{i,t} FFN_i(u_t) (eq. 12) on the token's home rank.
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        routing = self.gate(x)
-        recv_counts, pending = self.exchange_counts(routing)
-        pending.wait()
-        plan = self.plan(routing, recv_counts)
-        received, pending = self.dispatch(x, plan)
-        pending.wait()
-        back, pending = self.combine(self.compute(received, plan), plan)
-        pending.wait()
-        y = self.weighted_sum(back, plan, x.shape[0]).to(x.dtype)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(shape), routing
+    # ------------------------------------------------------------------ the schedule
+    def __call__(
+        self, experts: Experts, shared: nn.Module | None, x: torch.Tensor, routing: Routing
+    ) -> torch.Tensor:
+        """The routed and shared experts' output for this rank's tokens x [N, hidden]."""
+        if self.overlap and x.shape[0] >= 2:
+            half = x.shape[0] // 2
+            mbs = [dict(x=x[:half], routing=_rows(routing, 0, half))]
+            mbs.append(dict(x=x[half:], routing=_rows(routing, half, x.shape[0], mbs[0])))
+            schedule, block = OVERLAPPED, False
+        else:
+            mbs, schedule, block = [dict(x=x, routing=routing)], SEQUENTIAL, True
+        for step, i in schedule:
+            getattr(self, f"_{step}")(mbs[i], i, experts, shared, block)
+        return torch.cat([mb["y"] for mb in mbs])
+
+    # One step of one micro-batch each. A step that starts a collective leaves its pending in
+    # mb["pending"] for the next step to await — or, with ``block``, awaits it at once.
+    def _layout(self, mb, i, experts, shared, block):
+        mb["counts"] = self._issue("layout", i, block, mb, self.exchange_counts, mb["routing"])
+
+    def _dispatch(self, mb, i, experts, shared, block):
+        mb["pending"].wait()
+        with self._compute("plan", i):
+            mb["plan"] = self.plan(mb["routing"], mb["counts"])
+        mb["received"] = self._issue("dispatch", i, block, mb, self.dispatch, mb["x"], mb["plan"])
+
+    def _shared(self, mb, i, experts, shared, block):
+        with self._compute("shared", i):
+            mb["shared"] = shared(mb["x"]) if shared is not None else None
+
+    def _experts(self, mb, i, experts, shared, block):
+        mb["pending"].wait()
+        with self._compute("experts", i):
+            out = self.compute(experts, mb["received"], mb["plan"])
+        mb["back"] = self._issue("combine", i, block, mb, self.send_back, out, mb["plan"])
+
+    def _finish(self, mb, i, experts, shared, block):
+        mb["pending"].wait()
+        with self._compute("finish", i):
+            x = mb["x"]
+            y = combine(mb["back"], mb["plan"].pairs, x.shape[0]).to(x.dtype)
+            mb["y"] = y if mb["shared"] is None else y + mb["shared"]
+
+    def _compute(self, name: str, i: int):
+        return self.timeline.compute(name, i) if self.timeline else nullcontext()
+
+    def _issue(self, name, i, block, mb, start, *args):
+        """Start a collective with ``start(*args)`` -> (output, Pending); return the output."""
+        if self.timeline is None:
+            out, mb["pending"] = start(*args)
+        else:
+            out, mb["pending"] = self.timeline.comm(name, i, lambda: start(*args))
+        if block:
+            mb["pending"].wait()
+        return out
 
     def ranks_reached(self, routing: Routing) -> torch.Tensor:
         """[N] how many distinct ranks each token's experts live on (node-limited routing)."""
@@ -273,20 +261,64 @@ class ExpertParallelMoE(nn.Module):
         return hit.scatter_(1, owner, True).sum(1)
 
 
+def _rows(routing: Routing, start: int, end: int, before: dict | None = None) -> Routing:
+    """The Routing of tokens start:end. The load of the first micro-batch is counted; the
+    second's is the rest of the gate's (``before``: the first micro-batch)."""
+    indices = routing.indices[start:end]
+    if before is None:
+        load = torch.zeros_like(routing.load).index_add_(
+            0, indices.flatten(), torch.ones_like(indices.flatten())
+        )
+    else:
+        load = routing.load - before["routing"].load
+    return Routing(
+        weights=routing.weights[start:end],
+        indices=indices,
+        scores=routing.scores[start:end],
+        load=load,
+    )
+
+
+def shard_moe(
+    moe: MoE,
+    group: dist.ProcessGroup | None = None,
+    fp8_dispatch: bool = False,
+    overlap: bool = False,
+) -> ExpertParallelDispatcher:
+    """Make ``moe`` this rank's expert-parallel shard, in place: its ``Experts`` keep only this
+    rank's slice of the stacked weights (experts first_expert … first_expert + n_local - 1),
+    its dispatcher becomes an ``ExpertParallelDispatcher``; the gate and shared experts stay
+    replicated. Every rank must hold the same weights first (same seed or checkpoint)."""
+    dispatcher = ExpertParallelDispatcher(moe.config, group, fp8_dispatch, overlap)
+    mine = slice(dispatcher.first_expert, dispatcher.first_expert + dispatcher.n_local)
+    experts = moe.experts
+    experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[mine].clone())
+    experts.down_proj = nn.Parameter(experts.down_proj.detach()[mine].clone())
+    moe.dispatcher = dispatcher
+    return dispatcher
+
+
 def shard_moe_layers(
-    model: nn.Module, group: dist.ProcessGroup | None = None, fp8_dispatch: bool = False
-) -> list[ExpertParallelMoE]:
-    """Replace every ``MoE`` inside ``model`` by this rank's ``ExpertParallelMoE`` shard, in
-    place (every rank must hold the same weights first, e.g. the same seed or checkpoint);
-    returns the shards. The rest of the model stays replicated."""
-    shards = []
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, MoE):
-                shard = ExpertParallelMoE.from_moe(child, group, fp8_dispatch)
-                setattr(module, name, shard)
-                shards.append(shard)
-    return shards
+    model: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    fp8_dispatch: bool = False,
+    overlap: bool = False,
+) -> list[MoE]:
+    """``shard_moe`` every MoE inside ``model``; returns them. The rest stays replicated."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in moes:
+        shard_moe(moe, group, fp8_dispatch, overlap)
+    return moes
+
+
+def sharded_experts(model: nn.Module) -> dict[str, ExpertParallelDispatcher]:
+    """The name of every parameter that holds a slice of sharded experts, and its dispatcher."""
+    return {
+        f"{name}.experts.{p}": moe.dispatcher
+        for name, moe in model.named_modules()
+        if isinstance(moe, MoE) and isinstance(moe.dispatcher, ExpertParallelDispatcher)
+        for p, _ in moe.experts.named_parameters()
+    }
 
 
 def reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
@@ -299,19 +331,14 @@ def reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -
     is divided by EP instead.
     """
     world = dist.get_world_size(group)
-    sharded = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, ExpertParallelMoE)
-        for p in m.experts.parameters()
-    }
+    sharded = sharded_experts(model)
     replicated = []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:  # unused here, maybe not elsewhere: every rank must send the same
             p.grad = torch.zeros_like(p)
-        if id(p) in sharded:
+        if name in sharded:
             p.grad.div_(world)
         else:
             replicated.append(p)
@@ -321,45 +348,3 @@ def reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -
         flat /= world
         for p, g in zip(replicated, flat.split([p.numel() for p in replicated])):
             p.grad.copy_(g.view_as(p))
-
-
-def ep_check(tokens_per_rank: int = 32, seed: int = 0, fp8_dispatch: bool = False) -> dict:
-    """Run on every rank (e.g. via ``launch``): the ``tiny`` preset's MoE, sharded over all
-    ranks, forward and backward on this rank's tokens — against the same MoE run here on every
-    rank's tokens. Returns this rank's plan (what it sent and received) and its errors."""
-    config = preset("tiny")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(seed)
-    moe = MoE(config)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0.0, 0.1)
-    x = torch.randn(world * tokens_per_rank, config.hidden_size)
-    probe = torch.randn_like(x)
-    ref, _ = moe(x)
-    (ref * probe).sum().backward()
-    mine = slice(rank * tokens_per_rank, (rank + 1) * tokens_per_rank)
-
-    ep = ExpertParallelMoE.from_moe(moe, fp8_dispatch=fp8_dispatch)
-    routing = ep.gate(x[mine])
-    recv_counts, pending = ep.exchange_counts(routing)
-    pending.wait()
-    plan = ep.plan(routing, recv_counts)
-    y, _ = ep(x[mine])
-    (y * probe[mine]).sum().backward()
-    theirs = moe.experts[ep.first_expert : ep.first_expert + ep.n_local]
-    return {
-        "experts": list(range(ep.first_expert, ep.first_expert + ep.n_local)),
-        "send_splits": plan.send_splits,
-        "recv_splits": plan.recv_splits,
-        "recv_counts": plan.recv_counts.tolist(),
-        "max_ranks_per_token": int(ep.ranks_reached(routing).max()),
-        "output_error": _rel_err(y.detach(), ref.detach()[mine]),
-        "expert_grad_error": max(
-            _rel_err(p.grad, q.grad) for p, q in zip(ep.experts.parameters(), theirs.parameters())
-        ),
-    }
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from ..config import preset
 from ..model import DeepSeekV3
 from ..train.config import TrainConfig
-from ..train.distributed import Parallel, _global_name, setup_parallel
+from ..train.distributed import Parallel, _local_part, setup_parallel
 from ..train.optim import build_optimizer
 from ..train.trainer import _train_step
 from . import rel_err
@@ -57,12 +57,15 @@ def step_check(
     ref_logged, ref_loads = _train_step(one, ref, opt, x, y, cfg, cfg.lr, ref.moe_layers())
     names = {id(p): name for name, p in model.named_parameters()}
     theirs = dict(ref.named_parameters())
-    pairs = [(p, theirs[_global_name(model, names[id(p)])]) for p in trained.parameters()]
+    # (name, ours, the reference's); an EP rank's expert stacks are a slice of the reference's
+    triples = [(names[id(p)], p, theirs[names[id(p)]]) for p in trained.parameters()]
     return {
         "losses": par.reduce_logged(logged),
         "ref_losses": one.reduce_logged(ref_logged),
-        "grad_error": max(rel_err(_grad(p), _grad(q)) for p, q in pairs),
-        "weight_error": max(rel_err(p, q) for p, q in pairs),
+        "grad_error": max(
+            rel_err(_grad(p), _local_part(model, n, _grad(q))) for n, p, q in triples
+        ),
+        "weight_error": max(rel_err(p, _local_part(model, n, q)) for n, p, q in triples),
         "bias_error": max(
             (a.gate.e_score_correction_bias - b.gate.e_score_correction_bias).abs().max().item()
             for a, b in zip(model.moe_layers(), ref.moe_layers())

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..model import DeepSeekV3, ModelOutput
 from ..model.moe import MoE
-from ..parallel.expert_parallel import ExpertParallelMoE, reduce_gradients, shard_moe_layers
+from ..parallel.expert_parallel import reduce_gradients, shard_moe_layers, sharded_experts
 from ..parallel.launch import DistInfo, check_same_on_all_ranks, init_distributed, teardown
 from ..parallel.pipeline import PipelineRuntime, Stage
 from .config import TrainConfig
@@ -212,13 +212,8 @@ class ExpertParallel(_Distributed):
 
     def prepare(self, model: DeepSeekV3) -> nn.Module:
         shard_moe_layers(model)
-        experts = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, ExpertParallelMoE)
-            for p in m.experts.parameters()
-        }
-        self.counted = [p for p in model.parameters() if id(p) in experts or self.is_main]
+        experts = sharded_experts(model)
+        self.counted = [p for n, p in model.named_parameters() if n in experts or self.is_main]
         return super().prepare(model)
 
     def forward_backward(self, model, x, y, loss_args):
@@ -385,40 +380,24 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _expert_key(model: nn.Module, name: str) -> tuple[str, ExpertParallelMoE, int, str] | None:
-    """(prefix, shard, local index, rest) when ``name`` belongs to an EP shard's expert."""
-    prefix, sep, rest = name.partition(".experts.")
-    if sep:
-        module = model.get_submodule(prefix)
-        if isinstance(module, ExpertParallelMoE):
-            j, _, tail = rest.partition(".")
-            return prefix, module, int(j), tail
-    return None
-
-
-def _global_name(model: nn.Module, name: str) -> str:
-    """A parameter's name in the single-process model: local expert j is first_expert + j."""
-    key = _expert_key(model, name)
-    if key is None:
-        return name
-    prefix, shard, j, tail = key
-    return f"{prefix}.experts.{shard.first_expert + j}.{tail}"
+def _local_part(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The part of the single-process model's tensor ``name`` that this rank of the sharded
+    ``model`` holds: for a stack of experts, its experts' rows; else all of it."""
+    shard = sharded_experts(model).get(name)
+    return tensor if shard is None else tensor[shard.first_expert :][: shard.n_local]
 
 
 def _gathered_state(model: nn.Module, world: int) -> dict[str, torch.Tensor]:
-    """The single-process state dict, on every rank: each shard's experts all-gathered (rank r
-    holds experts r·n_local ... (r+1)·n_local - 1) under their global names."""
+    """The single-process state dict, on every rank: each stack of sharded experts
+    all-gathered (rank r holds experts r·n_local … (r+1)·n_local - 1) and concatenated."""
+    sharded = sharded_experts(model)
     state = {}
     for name, tensor in model.state_dict().items():
-        key = _expert_key(model, name)
-        if key is None:
-            state[name] = tensor
-            continue
-        prefix, shard, j, tail = key
-        parts = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(parts, tensor.contiguous())
-        for r, part in enumerate(parts):
-            state[f"{prefix}.experts.{r * shard.n_local + j}.{tail}"] = part
+        if name in sharded:
+            parts = [torch.empty_like(tensor) for _ in range(world)]
+            dist.all_gather(parts, tensor.contiguous())
+            tensor = torch.cat(parts)
+        state[name] = tensor
     return state
 
 
