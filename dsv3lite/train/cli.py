@@ -16,7 +16,8 @@ import sys
 from ..errors import UserInputError
 from ..parallel.launch import collective_failed
 from .balance import BALANCE_MODES
-from .trainer import TrainConfig, train
+from .config import TrainConfig
+from .trainer import train
 
 _HELP = {
     "preset": "model preset: tiny, small (v3-671b is for accounting only)",

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from .balance import BALANCE_MODES
-from .trainer import TrainConfig, train
+from .config import TrainConfig
+from .trainer import train
 
 THREE_WAYS = ("none", "aux-loss", "aux-free")
 
