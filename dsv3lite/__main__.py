@@ -38,12 +38,20 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .bench import resolve_device, run
+    from .config import PRESETS
 
     try:
         device = resolve_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    run(args.suite, device=device, out=args.out, quick=args.quick)
+    options = {}
+    if args.preset is not None:
+        if args.suite != "train":
+            parser.error("--preset applies to bench train only")
+        if args.preset not in PRESETS or args.preset == "v3-671b":
+            parser.error(f"--preset must be one of tiny, small, medium, got {args.preset!r}")
+        options["preset_name"] = args.preset
+    run(args.suite, device=device, out=args.out, quick=args.quick, **options)
     return 0
 
 
@@ -131,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--quick", action="store_true", help="small shapes and few repetitions (smoke test)"
+    )
+    bench.add_argument(
+        "--preset", default=None, help="bench train: the model preset (default: small on a GPU)"
     )
     bench.set_defaults(func=_bench)
 

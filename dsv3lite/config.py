@@ -408,6 +408,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_nextn_predict_layers=1,
         max_position_embeddings=4096,
     ),
+    # ~1.45B parameters (~0.48B activated per token), plus a 0.12B MTP module: the release's
+    # head and latent dims (128 + 64, kv_lora_rank 512) at hidden 2048, where matrix products
+    # are large enough for MFU and FP8 to mean something; AdamW at 8 x 2048 fits one H200.
+    "medium": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        moe_intermediate_size=512,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        q_lora_rank=768,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=4096,
+    ),
     # The release's config.json (DeepSeek-V3 / V3-0324 / R1 share it).
     "v3-671b": dict(
         rope_scaling={
@@ -425,7 +450,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset ('tiny', 'small', 'v3-671b'), with optional field overrides."""
+    """A named preset ('tiny', 'small', 'medium', 'v3-671b'), with optional field overrides."""
     if name not in PRESETS:
         raise UserInputError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})

@@ -22,7 +22,7 @@ of them tiny at decode time. Instead:
 
 ``moe_forward`` chains the three for one layer's routed experts. ``grouped_gemm_reference``
 (a loop over experts in torch) is what the tests check the kernel against, and
-``dsv3lite.inference_bench`` times the kernel against ``torch._grouped_mm`` and that loop.
+``python -m dsv3lite bench moe`` times the kernel against ``torch._grouped_mm`` and that loop.
 
 ``grouped_gemm_fp8`` is the same kernel on E4M3 operands with the report's fine-grained
 scaling (§3.3.2): 1×128 tiles of activations and 128×128 blocks of weights, each 128-deep

@@ -45,7 +45,7 @@ memory); Triton's Gluon dialect could express that, and is the next step.
 Memory safety: keys beyond a sequence's length are never read (masked loads), because a
 pre-allocated cache holds uninitialised memory there, and 0 × NaN would poison the output.
 ``mla_decode_reference`` below is the same computation in plain torch; the tests check the
-kernel against it (through the Triton interpreter on CPU), and ``dsv3lite.inference_bench``
+kernel against it (through the Triton interpreter on CPU), and ``python -m dsv3lite bench mla``
 times both on a GPU.
 """
 

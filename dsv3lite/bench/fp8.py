@@ -1,4 +1,4 @@
-"""FP8 benchmarks: our Triton kernels against cuBLAS, timed in one run, one table.
+"""``bench fp8``: our Triton FP8 kernels against cuBLAS, timed in one run, one table.
 
 Three groups of rows, each op checked against its reference before it is timed:
 
@@ -12,9 +12,8 @@ Three groups of rows, each op checked against its reference before it is timed:
 * FP8Linear forward + backward (three FP8 GEMMs and five quantizations) against a bf16
   ``nn.Linear`` forward + backward, M = 8192 tokens, 7168→2048 and 2048→7168.
 
-Timing: ``dsv3lite.bench.median_ms`` (``triton.testing.do_bench`` medians on a GPU, after its
-warm-up, inputs larger than L2; perf_counter medians on the CPU). Inputs are random normal.
-On the CPU, ``run`` times tiny shapes with the torch reference: a smoke test, not a figure.
+Timing: ``harness.median_ms``. Inputs are random normal. On the CPU, ``run`` times tiny
+shapes with the torch reference: a smoke test, not a figure.
 """
 
 from __future__ import annotations
@@ -25,10 +24,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..bench import environment, median_ms
+from ..fp8 import (
+    FP8Linear,
+    act_dequant,
+    act_quant,
+    act_quant_t,
+    fp8_gemm,
+    weight_dequant,
+    weight_quant,
+)
 from ..kernels.fp8_quant import act_quant_ref, act_quant_t_ref
-from .linear import FP8Linear
-from .quant import act_dequant, act_quant, act_quant_t, fp8_gemm, weight_dequant, weight_quant
+from ..testing import rel_err
+from .harness import Results, Row, median_ms
 
 # (M, N, K): DeepSeek-V3's projections at 4096 tokens, a square GEMM, one decode-sized M.
 GPU_GEMMS = [
@@ -46,37 +53,12 @@ CPU_QUANT = (512, 1024)
 CPU_LINEARS = [(256, 256, 384)]
 
 
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 def _column_major(s: torch.Tensor) -> torch.Tensor:
     """The same matrix, stored column by column (the scale layout cuBLAS's blockwise wants)."""
     return s.t().contiguous().t()
 
 
-def _row(name: str, shape: str, ms: float | None, value: float | None, unit: str, note: str = ""):
-    return {
-        "name": name,
-        "shape": shape,
-        "median_ms": ms,
-        "value": value,
-        "unit": unit,
-        "note": note,
-    }
-
-
-def _ratio(rows: list[dict], name: str, candidate: str, baseline: str) -> dict | None:
-    """Throughput of ``candidate`` over ``baseline`` (> 1: the candidate is faster), if both ran.
-
-    For two GEMMs of one shape that is the inverse ratio of their times; for quantization vs
-    copy it compares bandwidths, the bytes moved being different."""
-    values = {r["name"]: r["value"] for r in rows}
-    c, b = values.get(candidate), values.get(baseline)
-    return {"name": name, "value": c / b} if c and b else None
-
-
-def bench_gemm(m: int, n: int, k: int, device: torch.device, quick: bool) -> list[dict]:
+def bench_gemm(m: int, n: int, k: int, device: torch.device, quick: bool) -> list[Row]:
     """Ours, cuBLAS bf16 and cuBLAS blockwise FP8 on one (M, N, K)."""
     shape = f"M{m} N{n} K{k}"
     tflops = 2 * m * n * k / 1e9  # divided by milliseconds: TFLOP/s
@@ -86,22 +68,22 @@ def bench_gemm(m: int, n: int, k: int, device: torch.device, quick: bool) -> lis
     wq, ws = weight_quant(w)
     ref = act_dequant(xq, xs).double() @ weight_dequant(wq, ws).double().t()
     ours = fp8_gemm(xq, xs, wq, ws)
-    err = _rel(ours, ref)
+    err = rel_err(ours, ref)
     # fp32 output: the tensor cores' in-step accumulation error, without bf16's output rounding
-    err32 = _rel(fp8_gemm(xq, xs, wq, ws, torch.float32), ref)
-    if err > 1e-2:
-        raise RuntimeError(f"fp8_gemm {shape}: relative error {err:.2e} against its reference")
+    err32 = rel_err(fp8_gemm(xq, xs, wq, ws, torch.float32), ref)
+    if not err <= 1e-2:
+        raise AssertionError(f"fp8_gemm {shape}: relative error {err:.2e} against its reference")
     rows = []
     ms = median_ms(lambda: fp8_gemm(xq, xs, wq, ws), device, quick)
     note = f"err {err:.1e}, fp32 out {err32:.1e}"
-    rows.append(_row(f"gemm ours {shape}", shape, ms, tflops / ms, "TFLOP/s", note))
+    rows.append(Row(f"gemm ours {shape}", shape, ms, tflops / ms, "TFLOP/s", note))
     ms = median_ms(lambda: x @ w.t(), device, quick)
-    rows.append(_row(f"gemm bf16 {shape}", shape, ms, tflops / ms, "TFLOP/s", "torch.matmul"))
+    rows.append(Row(f"gemm bf16 {shape}", shape, ms, tflops / ms, "TFLOP/s", "torch.matmul"))
     rows.append(_blockwise_row(xq, xs, wq, ws, ref, shape, tflops, device, quick))
     return rows
 
 
-def _blockwise_row(xq, xs, wq, ws, ref, shape, tflops, device, quick) -> dict:
+def _blockwise_row(xq, xs, wq, ws, ref, shape, tflops, device, quick) -> Row:
     """cuBLAS's 1×128 · 128×128 FP8 GEMM (GUIDE §4 layout); 'unsupported' if torch refuses."""
     name = f"gemm cublas-blockwise {shape}"
 
@@ -117,17 +99,17 @@ def _blockwise_row(xq, xs, wq, ws, ref, shape, tflops, device, quick) -> dict:
     try:
         out = call()
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-        return _row(
+        return Row(
             name, shape, None, None, "TFLOP/s", f"unsupported: {str(e).splitlines()[0][:80]}"
         )
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     if err > 1e-2:
-        return _row(name, shape, None, None, "TFLOP/s", f"skipped: relative error {err:.2e}")
+        return Row(name, shape, None, None, "TFLOP/s", f"skipped: relative error {err:.2e}")
     ms = median_ms(call, device, quick)
-    return _row(name, shape, ms, tflops / ms, "TFLOP/s", f"torch._scaled_mm, err {err:.1e}")
+    return Row(name, shape, ms, tflops / ms, "TFLOP/s", f"torch._scaled_mm, err {err:.1e}")
 
 
-def bench_quant(m: int, k: int, device: torch.device, quick: bool) -> list[dict]:
+def bench_quant(m: int, k: int, device: torch.device, quick: bool) -> list[Row]:
     """act_quant and act_quant_t in GB/s, against a device-to-device copy of the same tensor."""
     shape = f"{m}x{k} bf16"
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -141,23 +123,23 @@ def bench_quant(m: int, k: int, device: torch.device, quick: bool) -> list[dict]
             f"vs reference: {int((step > 0).sum())} of {q.numel():,} codes differ "
             f"(max {int(step.max())} steps), scales max rel diff {s_err:.1e}"
         )
-    err = _rel(act_dequant(*act_quant(x)), x.float())
+    err = rel_err(act_dequant(*act_quant(x)), x.float())
     moved = m * k * 3 + m * math.ceil(k / 128) * 4  # read bf16, write e4m3, write the scales
     moved_t = m * k * 3 + k * math.ceil(m / 128) * 4
     dst = torch.empty_like(x)
     rows = []
     ms = median_ms(lambda: dst.copy_(x), device, quick)
-    rows.append(_row("copy d2d", shape, ms, 2 * x.nbytes / ms / 1e6, "GB/s", "read + write"))
+    rows.append(Row("copy d2d", shape, ms, 2 * x.nbytes / ms / 1e6, "GB/s", "read + write"))
     ms = median_ms(lambda: act_quant(x), device, quick)
     note = f"err {err:.1e}; {agreement['act_quant']}"
-    rows.append(_row("act_quant 1x128", shape, ms, moved / ms / 1e6, "GB/s", note))
+    rows.append(Row("act_quant 1x128", shape, ms, moved / ms / 1e6, "GB/s", note))
     ms = median_ms(lambda: act_quant_t(x), device, quick)
     note = f"fused transpose; {agreement['act_quant_t']}"
-    rows.append(_row("act_quant_t 128x1", shape, ms, moved_t / ms / 1e6, "GB/s", note))
+    rows.append(Row("act_quant_t 128x1", shape, ms, moved_t / ms / 1e6, "GB/s", note))
     return rows
 
 
-def bench_linear(m: int, d_in: int, d_out: int, device: torch.device, quick: bool) -> list[dict]:
+def bench_linear(m: int, d_in: int, d_out: int, device: torch.device, quick: bool) -> list[Row]:
     """FP8Linear vs bf16 nn.Linear, forward + backward (3 GEMMs each), in TFLOP/s."""
     shape = f"M{m} {d_in}->{d_out}"
     tflops = 3 * 2 * m * d_in * d_out / 1e9  # divided by milliseconds: TFLOP/s
@@ -181,7 +163,7 @@ def bench_linear(m: int, d_in: int, d_out: int, device: torch.device, quick: boo
     rows = []
     for name, layer in (("fp8", fp8), ("bf16", bf16)):
         ms = median_ms(step(layer), device, quick)
-        rows.append(_row(f"linear {name} {shape}", shape, ms, tflops / ms, "TFLOP/s", "fwd+bwd"))
+        rows.append(Row(f"linear {name} {shape}", shape, ms, tflops / ms, "TFLOP/s", "fwd+bwd"))
     return rows
 
 
@@ -193,23 +175,18 @@ def _check_linear(layer: FP8Linear, x: torch.Tensor, dy: torch.Tensor, shape: st
     y = layer(x)
     y.backward(dy)
     errs = {
-        "y": _rel(y, xr.detach() @ wr.detach().t()),
-        "dx": _rel(x.grad, xr.grad),
-        "dW": _rel(layer.weight.grad, wr.grad),
+        "y": rel_err(y, xr.detach() @ wr.detach().t()),
+        "dx": rel_err(x.grad, xr.grad),
+        "dW": rel_err(layer.weight.grad, wr.grad),
     }
     x.grad = layer.weight.grad = None
     bad = {k: v for k, v in errs.items() if v > 0.1}
     if bad:
-        raise RuntimeError(f"FP8Linear {shape}: relative errors {bad} against float64")
+        raise AssertionError(f"FP8Linear {shape}: relative errors {bad} against float64")
 
 
-def run(quick: bool = False) -> dict:
-    """Time every row on the GPU (or tiny shapes on the CPU), print one table, return it all.
-
-    Returns a JSON-able dict: ``env`` (device, torch, triton, date …), ``rows`` (name, shape,
-    median_ms, value, unit, note) and ``ratios`` (baseline time / our time).
-    """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run(device: torch.device, quick: bool) -> Results:
+    """Every row on the GPU's shapes (tiny ones on the CPU), with ours / baseline ratios."""
     gpu = device.type == "cuda"
     gemms, quant, linears = (
         (GPU_GEMMS, GPU_QUANT, GPU_LINEARS) if gpu else (CPU_GEMMS, CPU_QUANT, CPU_LINEARS)
@@ -217,48 +194,17 @@ def run(quick: bool = False) -> dict:
     if quick:
         gemms, linears = gemms[:1] + gemms[-1:], linears[:1]
     torch.manual_seed(0)
-    rows: list[dict] = []
-    ratios: list[dict | None] = []
+    res = Results()
     for m, n, k in gemms:
-        rows += bench_gemm(m, n, k, device, quick)
+        res.rows += bench_gemm(m, n, k, device, quick)
         s = f"M{m} N{n} K{k}"
-        ratios.append(
-            _ratio(
-                rows, f"ours / cublas-blockwise {s}", f"gemm ours {s}", f"gemm cublas-blockwise {s}"
-            )
-        )
-        ratios.append(_ratio(rows, f"ours / bf16 {s}", f"gemm ours {s}", f"gemm bf16 {s}"))
-    rows += bench_quant(*quant, device, quick)
-    ratios.append(_ratio(rows, "act_quant / copy", "act_quant 1x128", "copy d2d"))
+        ours = f"gemm ours {s}"
+        res.ratio(f"ours / cublas-blockwise {s}", ours, f"gemm cublas-blockwise {s}", by="value")
+        res.ratio(f"ours / bf16 {s}", ours, f"gemm bf16 {s}", by="value")
+    res.rows += bench_quant(*quant, device, quick)
+    res.ratio("act_quant / copy", "act_quant 1x128", "copy d2d", by="value")
     for m, d_in, d_out in linears:
-        rows += bench_linear(m, d_in, d_out, device, quick)
+        res.rows += bench_linear(m, d_in, d_out, device, quick)
         s = f"M{m} {d_in}->{d_out}"
-        ratios.append(
-            _ratio(rows, f"FP8Linear / bf16 Linear {s}", f"linear fp8 {s}", f"linear bf16 {s}")
-        )
-    result = {
-        "suite": "fp8",
-        "quick": quick,
-        "env": environment(device),
-        "rows": rows,
-        "ratios": [r for r in ratios if r is not None],
-    }
-    print(format_table(result))
-    return result
-
-
-def format_table(result: dict) -> str:
-    """One plain-text table of the rows, then the ratios (speed of ours relative to each)."""
-    env = result["env"]
-    lines = [
-        f"bench fp8 on {env['device']}: torch {env['torch']}, triton {env['triton']}, {env['date']}",
-        "",
-        f"{'what':<44}{'median ms':>11}{'value':>11}  {'unit':<9}note",
-    ]
-    for r in result["rows"]:
-        ms = f"{r['median_ms']:.3f}" if r["median_ms"] is not None else "-"
-        value = f"{r['value']:.4g}" if r["value"] is not None else "-"
-        lines.append(f"{r['name']:<44}{ms:>11}{value:>11}  {r['unit']:<9}{r['note']}")
-    lines.append("")
-    lines += [f"{r['name']:<56}{r['value']:>7.2f}x" for r in result["ratios"]]
-    return "\n".join(lines)
+        res.ratio(f"FP8Linear / bf16 Linear {s}", f"linear fp8 {s}", f"linear bf16 {s}", by="value")
+    return res
