@@ -187,5 +187,9 @@ def test_wheel_ships_the_kernels_and_the_recorded_results(tmp_path: Path) -> Non
     (wheel,) = tmp_path.glob("dsv3lite-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"dsv3lite/kernels/_triton.py", "dsv3lite/kernels/mla_decode.py"} <= names
+    packages = {
+        p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "dsv3lite").rglob("__init__.py")
+    }
+    assert {f"{p}/__init__.py" for p in packages} <= names, "a subpackage missing from pyproject"
     recorded = {p.name for p in (ROOT / "dsv3lite" / "results").glob("*.json")}
     assert recorded and {f"dsv3lite/results/{n}" for n in recorded} <= names
