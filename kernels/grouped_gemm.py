@@ -20,9 +20,16 @@ of them tiny at decode time. Instead:
    gather over the inverse permutation rather than a scatter-add, so it needs no atomics and
    is deterministic.
 
-``moe_forward`` chains the three for one layer's routed experts. ``grouped_gemm_reference``
-(a loop over experts in torch) is what the tests check the kernel against, and
-``python -m dsv3lite bench moe`` times the kernel against ``torch._grouped_mm`` and that loop.
+``moe_forward`` chains the three for one layer's routed experts (inference: no gradient).
+
+**Training** (``moe_experts``, what ``Experts.impl = "triton"`` runs): the rows arrive sorted
+(the model's ``sort_pairs``), the forward is the fused SwiGLU GEMM then the down GEMM, and the
+backward is grouped too — dX = dY·W, a ``grouped_gemm`` on a transposed view of the stack (the
+kernel takes any K stride), and dW_e = dY_eᵀ·X_e, ``grouped_wgrad``: one program per output
+tile of one expert, reducing over that expert's rows.
+
+``grouped_gemm_reference`` (a loop over experts in torch) is what the tests check the kernel
+against, and ``python -m dsv3lite bench moe`` times the kernel against ``torch._grouped_mm`` and that loop.
 
 ``grouped_gemm_fp8`` is the same kernel on E4M3 operands with the report's fine-grained
 scaling (§3.3.2): 1×128 tiles of activations and 128×128 blocks of weights, each 128-deep
@@ -59,6 +66,7 @@ def _grouped_gemm_kernel(
     stride_xm,
     stride_we,
     stride_wn,
+    stride_wk,
     stride_ym,
     stride_xsm,
     stride_wse,
@@ -110,7 +118,8 @@ def _grouped_gemm_kernel(
     cols_in = tl.minimum(cols, N - 1)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows_in.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = W + expert.to(tl.int64) * stride_we + cols_in[None, :] * stride_wn + offs_k[:, None]
+    w_ptrs = W + expert.to(tl.int64) * stride_we + cols_in[None, :] * stride_wn
+    w_ptrs += offs_k[:, None] * stride_wk
 
     # FP8: the scales of this tile's rows (1×128 activation tiles) and columns (128×128 weight
     # blocks), advanced one 128-wide K block per iteration.
@@ -147,7 +156,7 @@ def _grouped_gemm_kernel(
             if SWIGLU:
                 acc_up = tl.dot(a, b_up, acc_up)
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
 
     if SWIGLU:  # silu(g)·u from the fp32 accumulators: g and u are never rounded
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -212,7 +221,7 @@ def _fit(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trito
     return fitted
 
 
-_KEY = ["N", "K", "n_experts", "rows_bucket", "GATHER", "SWIGLU"]
+_KEY = ["N", "K", "n_experts", "rows_bucket", "stride_wk", "GATHER", "SWIGLU"]
 _grouped_gemm_tuned = triton.autotune(
     configs=_gemm_configs(), key=_KEY, prune_configs_by={"early_config_prune": _fit}
 )(_grouped_gemm_kernel)
@@ -236,8 +245,9 @@ def grouped_gemm(
 
     Args:
         x: [rows, K] bf16/fp16. Without ``src_rows`` the rows are already sorted by expert.
-        w: [E, N, K] — expert e's weight, row-major like ``nn.Linear.weight`` — or, with
-            ``swiglu``, [E, 2I, K]: gate rows then up rows.
+        w: [E, N, K] — expert e's weight, row-major like ``nn.Linear.weight`` (or a
+            transposed view of a stack [E, K, N]) — or, with ``swiglu``, [E, 2I, K]: gate rows
+            then up rows.
         offsets: [E + 1] int, non-decreasing, from 0 to M: expert e owns sorted rows
             offsets[e] : offsets[e+1] (trusted: reading them back would cost a sync).
         src_rows: [M] int — sorted row r reads x[src_rows[r]] (the permutation, fused).
@@ -309,7 +319,7 @@ def _launch(
     fp8 = scales is not None
     xs, ws = scales if fp8 else (offsets, offsets)  # never read unless FP8
     args = (x, w, y, offsets, rows_src, xs, ws, n_experts, n, k)
-    strides = (x.stride(0), w.stride(0), w.stride(1), y.stride(0))
+    strides = (x.stride(0), w.stride(0), w.stride(1), w.stride(2), y.stride(0))
     strides += (xs.stride(0), ws.stride(0), ws.stride(1)) if fp8 else (0, 0, 0)
     meta = dict(BLOCK_E=triton.next_power_of_2(n_experts), GROUP_M=GROUP_M)
     meta.update(GATHER=gather, SWIGLU=swiglu, FP8=fp8)
@@ -359,8 +369,10 @@ def _check_gemm(
         raise ValueError(
             f"src_rows must be a 1-D int tensor, got {src_rows.dtype} {tuple(src_rows.shape)}"
         )
-    if x.stride(1) != 1 or w.stride(2) != 1:
-        raise ValueError("x and w need unit stride in K")
+    if x.stride(1) != 1 or 1 not in (w.stride(1), w.stride(2)):
+        raise ValueError("x needs unit stride in K, w unit stride in K or N")
+    if dtypes == (FP8,) and w.stride(2) != 1:
+        raise ValueError("FP8 weights need unit stride in K (their 128×128 blocks)")
     tensors = [x, w, offsets] + ([src_rows] if src_rows is not None else [])
     if any(t.device != x.device for t in tensors):
         raise ValueError("x, w, offsets and src_rows must be on one device")
@@ -470,6 +482,142 @@ def moe_forward(
     h = grouped_gemm(x, w_gate_up, perm.offsets, src_rows=perm.src_rows, swiglu=True)
     y = grouped_gemm(h, w_down, perm.offsets)
     return moe_combine(y, perm.pos, weights)
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    DY,  # [M, N] gradients of the outputs, rows sorted by expert
+    X,  # [M, K] the inputs, in the same order
+    DW,  # [E, N, K]
+    OFFSETS,  # [E + 1] int32
+    N,
+    K,
+    stride_dym,
+    stride_xm,
+    stride_dwe,
+    rows_bucket,  # the autotuning key only
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """dW[e] = DY[rows of e]ᵀ · X[rows of e]: one program per (expert, N-tile, K-tile), looping
+    over that expert's rows. An expert without rows writes zeros, its true gradient."""
+    expert = tl.program_id(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    cols_n = (tl.program_id(1) // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_k = (tl.program_id(1) % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = cols_n < N, cols_k < K
+    start = tl.load(OFFSETS + expert)
+    end = tl.load(OFFSETS + expert + 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        r_ok = rows < end
+        dy = tl.load(
+            DY + rows.to(tl.int64)[:, None] * stride_dym + cols_n[None, :],
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            X + rows.to(tl.int64)[:, None] * stride_xm + cols_k[None, :],
+            mask=r_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            dy = dy.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(dy), x, acc)
+    dw_ptrs = DW + expert.to(tl.int64) * stride_dwe + cols_n[:, None] * K + cols_k[None, :]
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+_grouped_wgrad_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in [
+            (64, 128, 128, 8, 3),
+            (32, 128, 128, 4, 4),
+            (64, 64, 128, 4, 4),
+            (32, 64, 64, 4, 4),
+        ]
+    ],
+    key=["N", "K", "rows_bucket"],
+)(_grouped_wgrad_kernel)
+
+
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of ``grouped_gemm`` (rows pre-sorted): dW[e] = dy_eᵀ · x_e for the
+    rows offsets[e]:offsets[e+1], [E, N, K] in x's dtype, accumulated in fp32.
+
+    Unlike the forward, the reduction runs over the *grouped* dimension (tokens), so each
+    program owns an output tile of one expert and walks that expert's rows.
+    """
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"dy [M, N] and x [M, K] must share M, got {tuple(dy.shape)} and {tuple(x.shape)}"
+        )
+    if dy.dtype not in DTYPES or x.dtype != dy.dtype:
+        raise ValueError(f"dy and x must share a dtype in {DTYPES}, got {dy.dtype} and {x.dtype}")
+    require()
+    dy, x = dy.contiguous(), x.contiguous()
+    n_experts, (m, n), k = offsets.shape[0] - 1, dy.shape, x.shape[1]
+    dw = torch.empty(n_experts, n, k, dtype=x.dtype, device=x.device)
+    offsets = offsets.to(torch.int32)
+    args = (dy, x, dw, offsets, n, k, dy.stride(0), x.stride(0), dw.stride(0))
+    bucket = triton.next_power_of_2(max(m, 1))
+    if INTERPRETED:
+        cfg = _INTERPRETER_CONFIG
+        grid = (n_experts, triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]))
+        upcast = x.dtype == torch.bfloat16
+        _grouped_wgrad_kernel[grid](*args, bucket, **cfg, UPCAST_DOT=upcast)
+    else:
+
+        def grid(cfg: dict) -> tuple[int, int]:
+            return (n_experts, triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]))
+
+        _grouped_wgrad_tuned[grid](*args, bucket, UPCAST_DOT=False)
+    return dw
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """y = down(silu(x·W_gateᵀ) · (x·W_upᵀ)) per expert on rows sorted by expert.
+
+    Forward: the fused SwiGLU GEMM (gate and up never reach memory) and the down GEMM; only
+    h = silu(g)·u is kept. Backward recomputes g and u with one more grouped GEMM (cheaper in
+    memory than keeping them, [M, 2I]), then four grouped GEMMs: dX and dW of each projection.
+    """
+
+    @staticmethod
+    def forward(ctx, x, offsets, w_gate_up, w_down):
+        h = grouped_gemm(x, w_gate_up, offsets, swiglu=True)
+        ctx.save_for_backward(x, offsets, w_gate_up, w_down, h)
+        return grouped_gemm(h, w_down, offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offsets, w_gate_up, w_down, h = ctx.saved_tensors
+        dy = dy.contiguous()
+        gate, up = grouped_gemm(x, w_gate_up, offsets).float().chunk(2, dim=-1)
+        dh = grouped_gemm(dy, w_down.transpose(1, 2), offsets).float()  # dy · W_down
+        sig = torch.sigmoid(gate)  # silu'(g) = σ(g) (1 + g (1 − σ(g)))
+        d_gate = dh * up * sig * (1 + gate * (1 - sig))
+        d_gate_up = torch.cat([d_gate, dh * gate * sig], dim=-1).to(x.dtype)
+        dx = grouped_gemm(d_gate_up, w_gate_up.transpose(1, 2), offsets)  # · W_gate_up
+        return dx, None, grouped_wgrad(d_gate_up, x, offsets), grouped_wgrad(dy, h, offsets)
+
+
+def moe_experts(
+    x: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """Every expert's SwiGLU FFN on its rows, differentiable in x and both weight stacks.
+
+    Args:
+        x: [M, hidden] bf16/fp16, rows sorted by expert (expert e owns offsets[e]:offsets[e+1]).
+        offsets: [E + 1] int, from 0 to M.
+        w_gate_up: [E, 2I, hidden] (gate rows, then up rows); w_down: [E, hidden, I].
+    """
+    return _SwiGLUExperts.apply(x, offsets, w_gate_up, w_down)
 
 
 def grouped_gemm_reference(

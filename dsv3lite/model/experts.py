@@ -16,6 +16,9 @@ is chosen by ``impl`` (one of ``MOE_IMPLS``):
   the reference, and the fastest on a CPU (its one host sync reads the counts);
 * ``grouped_mm`` — ``torch._grouped_mm``: one kernel per projection for all experts, offsets
   read on the device (no host sync), forward and backward (torch ≥ 2.9 on CUDA, 2.10 on CPU);
+* ``triton`` — the project's grouped GEMM (kernels/grouped_gemm.py, ``moe_experts``): gate and
+  up in one kernel with SwiGLU fused, then down; its backward is grouped GEMMs too (bf16/fp16,
+  CUDA, or the CPU under ``TRITON_INTERPRET=1``);
 * ``auto`` (default) — ``CUDA_DEFAULT`` for bf16/fp16 on a GPU, ``local`` otherwise.
 """
 
@@ -28,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MOE_IMPLS = ("auto", "local", "grouped_mm")
-# What ``auto`` takes on a GPU. grouped_mm: cuBLAS/CUTLASS grouped GEMMs with their own backward
-# and no host sync; the default until a measurement on the H200 says otherwise.
+from ..kernels._triton import AVAILABLE as TRITON_AVAILABLE
+
+MOE_IMPLS = ("auto", "local", "grouped_mm", "triton")
+# What ``auto`` takes on a GPU: "grouped_mm" (CUTLASS grouped GEMMs, tuned, with torch's own
+# backward) or "triton" (SwiGLU fused in the epilogue, but plain Triton tiles and a backward
+# that recomputes gate and up). Pick the faster one measured by ``bench``.
 CUDA_DEFAULT = "grouped_mm"
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,6 +78,8 @@ class Experts(nn.Module):
                 "moe_impl 'grouped_mm' needs torch._grouped_mm (torch >= 2.9); this is torch "
                 f"{torch.__version__}: use 'local'"
             )
+        if impl == "triton" and not TRITON_AVAILABLE:
+            raise ValueError("moe_impl 'triton' needs Triton, which is not installed: use 'local'")
         self._impl = impl
 
     def __len__(self) -> int:
@@ -83,8 +91,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, hidden], rows sorted by expert; counts [E] rows per expert (Σ = M) → [M, hidden]."""
-        if self._resolve(x) == "grouped_mm":
+        impl = self._resolve(x)
+        if impl == "grouped_mm":
             return self._grouped_mm(x, counts)
+        if impl == "triton":
+            return self._triton(x, counts)
         # split and unbind, not slicing and indexing: one backward node each, where a slice's
         # backward would build a zero gradient of the whole tensor per expert
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
@@ -102,7 +113,8 @@ class Experts(nn.Module):
         if self._impl != "auto":
             return self._impl
         fast = x.is_cuda and _compute_dtype(x) in (torch.bfloat16, torch.float16)
-        return CUDA_DEFAULT if fast and hasattr(torch, "_grouped_mm") else "local"
+        available = TRITON_AVAILABLE if CUDA_DEFAULT == "triton" else hasattr(torch, "_grouped_mm")
+        return CUDA_DEFAULT if fast and available else "local"
 
     def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Both projections as grouped GEMMs: expert i multiplies rows offs[i-1]:offs[i].
@@ -113,6 +125,16 @@ class Experts(nn.Module):
         gate, up = torch._grouped_mm(x.to(dtype), w_gate_up, offs=offs).chunk(2, dim=-1)
         h = F.silu(gate) * up
         return torch._grouped_mm(h, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+
+    def _triton(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """kernels/grouped_gemm.py's differentiable experts, in autocast's dtype (Triton
+        kernels see raw tensors); offsets start at 0 there."""
+        from ..kernels.grouped_gemm import moe_experts  # imports Triton: only on this path
+
+        dtype = _compute_dtype(x)
+        offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        w_gate_up, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        return moe_experts(x.to(dtype), offsets, w_gate_up, w_down)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
