@@ -15,12 +15,13 @@ import torch
 
 import dsv3lite
 from dsv3lite.parallel.launch import launch
-from dsv3lite.train import TrainConfig, train
 from dsv3lite.testing import rel_err
 from dsv3lite.testing.train import step_check
+from dsv3lite.train import TrainConfig, train
 
 FAST = dict(batch_size=2, seq_len=32, eval_batches=1, log_every=1, progress=False)
 CHECKS = [("ep", "aux-free"), ("ep", "aux-loss"), ("pp", "aux-free"), ("pp", "aux-loss")]
+CHECKS += [("ep", "aux-loss", 4, 16, True)]  # with the two-micro-batch overlap
 
 
 def _torchrun(*args) -> subprocess.CompletedProcess:
@@ -52,7 +53,7 @@ def two_ranks(tmp_path_factory) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("case", range(len(CHECKS)), ids=["-".join(c) for c in CHECKS])
+@pytest.mark.parametrize("case", range(len(CHECKS)), ids=["-".join(map(str, c)) for c in CHECKS])
 def test_one_step_equals_single_process(two_ranks, case):
     """EP: each rank's own batch against one process on both; PP: 1F1B over micro-batches
     against the whole batch. Gradients after global-norm clipping within 1e-5; weights after

@@ -137,6 +137,13 @@ class Experts(nn.Module):
         return moe_experts(x.to(dtype), offsets, w_gate_up, w_down)
 
 
+def set_moe_impl(model: nn.Module, impl: str) -> None:
+    """Run every ``Experts`` inside ``model`` with ``impl`` (one of ``MOE_IMPLS``)."""
+    for experts in model.modules():
+        if isinstance(experts, Experts):
+            experts.impl = impl
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on x runs in: autocast's, when it is on for x's device."""
     if torch.is_autocast_enabled(x.device.type):

@@ -17,7 +17,11 @@ from . import rel_err
 
 
 def step_check(
-    layout: str, balance: str = "aux-free", batch_size: int = 4, seq_len: int = 16
+    layout: str,
+    balance: str = "aux-free",
+    batch_size: int = 4,
+    seq_len: int = 16,
+    ep_overlap: bool = False,
 ) -> dict:
     """Run on every rank of a process group (e.g. via ``launch``): one training step of the
     ``tiny`` preset laid out as ``layout`` ('ep' or 'pp') over all ranks — then the same step on
@@ -26,7 +30,8 @@ def step_check(
     Clipping is made to bite (grad_clip 0.1) and the balance loss to matter (α 0.1). Returns the
     logged losses of both, and the worst relative error over the parameters this rank trains of
     their gradients (after clipping) and weights (after the step), the largest bias difference,
-    and whether the step's expert loads are equal.
+    and whether the step's expert loads are equal. ``ep_overlap``: EP with the two-micro-batch
+    overlap of its all-to-alls.
     """
     world = dist.get_world_size()
     cfg = TrainConfig(
@@ -37,6 +42,7 @@ def step_check(
         alpha=0.1,
         grad_clip=0.1,
         progress=False,
+        ep_overlap=ep_overlap,
     )
     par = setup_parallel(cfg)
     torch.manual_seed(cfg.seed)

@@ -14,6 +14,7 @@ import re
 import sys
 
 from ..errors import UserInputError
+from ..model.experts import MOE_IMPLS
 from ..parallel.launch import collective_failed
 from .balance import BALANCE_MODES
 from .config import TrainConfig
@@ -29,6 +30,10 @@ _HELP = {
     "grad_clip": "clip the global gradient norm to this (> 0)",
     "batch_size": "sequences per step on each data-parallel rank (--ep N: N times as many)",
     "ep": "expert-parallel ranks: start with torchrun --nproc-per-node EP",
+    "ep_overlap": "with --ep: overlap dispatch/combine with the experts' compute (two "
+    "micro-batches)",
+    "moe_impl": "routed experts: auto (grouped_mm on a GPU, local on the CPU), local, "
+    "grouped_mm (torch._grouped_mm) or triton (the project's grouped GEMM)",
     "pp": "pipeline stages, one per rank (1F1B): start with torchrun --nproc-per-node PP",
     "micro_batches": "with --pp: micro-batches per step, dividing --batch-size (0: up to 2*pp)",
     "balance": "aux-free (bias update, §2.1.2), aux-loss (eqs. 17-20) or none",
@@ -55,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(str(f.type), str)
         if f.name == "balance":
             kwargs["choices"] = BALANCE_MODES
+        if f.name == "moe_impl":
+            kwargs["choices"] = MOE_IMPLS
         parser.add_argument(flag, type=kind, **kwargs)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

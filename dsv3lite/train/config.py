@@ -15,6 +15,7 @@ import torch
 from ..accounting import count_parameters, format_count
 from ..config import preset
 from ..errors import UserInputError, check_bool, check_int, check_number
+from ..model.experts import MOE_IMPLS
 from .balance import BALANCE_MODES
 
 
@@ -46,6 +47,8 @@ class TrainConfig:
     out: str = "runs/tiny"
     progress: bool = True
     ep: int = 1  # expert-parallel ranks (torchrun --nproc-per-node ep)
+    ep_overlap: bool = False  # --ep: the two-micro-batch overlap of dispatch/combine
+    moe_impl: str = "auto"  # how the routed experts compute: model/experts.py's MOE_IMPLS
     pp: int = 1  # pipeline stages, one per rank (torchrun --nproc-per-node pp)
     micro_batches: int = 0  # --pp: the batch's split for the pipeline (0: up to 2·pp)
     timeout_s: float = 60.0  # how long a collective waits for a frozen or dead rank (torchrun)
@@ -71,8 +74,12 @@ class TrainConfig:
             check_number(f"TrainConfig.{name}", getattr(self, name))
         for name in ("weight_decay", "gamma", "alpha", "mtp_lambda"):  # 0 switches the term off
             check_number(f"TrainConfig.{name}", getattr(self, name), strict=False)
-        for name in ("fp8", "progress"):
+        for name in ("fp8", "progress", "ep_overlap"):
             check_bool(f"TrainConfig.{name}", getattr(self, name))
+        if self.moe_impl not in MOE_IMPLS:
+            raise UserInputError(
+                f"TrainConfig.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}"
+            )
         if self.min_lr > self.lr:
             raise UserInputError(
                 f"TrainConfig.min_lr must be <= lr, got min_lr={self.min_lr}, lr={self.lr}"
@@ -130,6 +137,8 @@ class TrainConfig:
                 f"TrainConfig.ep={self.ep} and pp={self.pp}: expert and pipeline parallelism "
                 "together are not supported; use one of them"
             )
+        if self.ep_overlap and self.ep == 1:
+            raise UserInputError("TrainConfig.ep_overlap overlaps --ep's all-to-alls; needs ep > 1")
         if self.micro_batches and self.pp == 1:
             raise UserInputError(
                 "TrainConfig.micro_batches splits the batch for --pp > 1; leave it 0"

@@ -87,7 +87,7 @@ def setup_parallel(cfg: TrainConfig) -> Parallel:
     info = init_distributed("nccl" if cfg.device == "cuda" else "gloo", cfg.timeout_s)
     check_same_on_all_ranks(dataclasses.asdict(cfg), "TrainConfig")
     if cfg.ep > 1:
-        return ExpertParallel(info, owns_group)
+        return ExpertParallel(info, owns_group, cfg.ep_overlap)
     return PipelineParallel(info, owns_group, cfg)
 
 
@@ -206,12 +206,13 @@ class _Distributed(Parallel):
 class ExpertParallel(_Distributed):
     """EP over all ranks, which are data-parallel for everything but the routed experts."""
 
-    def __init__(self, info: DistInfo, owns_group: bool) -> None:
+    def __init__(self, info: DistInfo, owns_group: bool, overlap: bool = False) -> None:
         super().__init__(info, owns_group)
         self.dp_rank, self.dp_size = self.rank, self.world_size
+        self.overlap = overlap  # the two-micro-batch overlap (parallel/overlap.py)
 
     def prepare(self, model: DeepSeekV3) -> nn.Module:
-        shard_moe_layers(model)
+        shard_moe_layers(model, overlap=self.overlap)
         experts = sharded_experts(model)
         self.counted = [p for n, p in model.named_parameters() if n in experts or self.is_main]
         return super().prepare(model)

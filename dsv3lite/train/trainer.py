@@ -31,6 +31,7 @@ from ..checkpoint import load_pretrained, write_model_files
 from ..config import atomic_write_text, preset
 from ..errors import UserInputError
 from ..model import DeepSeekV3
+from ..model.experts import set_moe_impl
 from .balance import max_violation, update_bias
 from .config import TrainConfig
 from .data import TokenData, load_tokenizer, read_corpus, train_tokenizer
@@ -92,6 +93,7 @@ def train(
         tok = train_tokenizer(text, model_config.vocab_size)
         state = None
     par.check_same(tok.to_str(), "tokenizer")
+    set_moe_impl(model, cfg.moe_impl)
     trained = par.prepare(model)
     if cfg.fp8:  # parameters are shared, so checkpoints and the optimizer are unchanged
         from ..fp8 import to_fp8
