@@ -19,6 +19,13 @@ Dropped groups are masked with -inf, as the release's inference code and transfo
 do. (transformers 5.0–5.2x masked with 0.0; that differs only when every surviving biased score
 is negative — then 0.0 would let experts from dropped groups win. See
 tests/test_moe.py::test_dropped_groups_never_win.)
+
+The routed sum runs in three steps, whatever the hardware or the number of processes:
+``sort_pairs`` orders the (token, expert) pairs by expert (the gate's load gives each expert's
+count, computed once), the ``Experts`` compute every expert on its contiguous rows (a loop, or
+one grouped GEMM: ``Experts.impl``), and ``combine`` adds each token's K_r outputs weighted by
+g_{i,t}. A ``Dispatcher`` decides where the middle step runs: ``LocalDispatcher`` here, or
+``parallel.ExpertParallelDispatcher``, which ships the rows to the ranks owning the experts.
 """
 
 from __future__ import annotations
