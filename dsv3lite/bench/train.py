@@ -115,8 +115,10 @@ def _transformers_row(config, ids, cfg, device, quick, shape, peak) -> Row:
     except ImportError:
         return Row(label, shape, None, None, "tokens/s", "skipped: transformers not installed")
     kwargs = {"attn_implementation": "sdpa"}
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
+    try:  # transformers versions with pluggable experts: take its fastest, as a user would
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        ALL_EXPERTS_FUNCTIONS = {}
     if "grouped_mm" in ALL_EXPERTS_FUNCTIONS:
         kwargs["experts_implementation"] = "grouped_mm"
     hf_config = transformers.DeepseekV3Config(**config.to_dict(), **kwargs)
