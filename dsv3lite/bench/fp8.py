@@ -84,7 +84,7 @@ def bench_gemm(m: int, n: int, k: int, device: torch.device, quick: bool) -> lis
 
 
 def _blockwise_row(xq, xs, wq, ws, ref, shape, tflops, device, quick) -> Row:
-    """cuBLAS's 1×128 · 128×128 FP8 GEMM (GUIDE §4 layout); 'unsupported' if torch refuses."""
+    """cuBLAS's 1×128 · 128×128 FP8 GEMM (scales column-major, b as the transpose of a row-major weight); 'unsupported' if torch refuses."""
     name = f"gemm cublas-blockwise {shape}"
 
     def call() -> torch.Tensor:
