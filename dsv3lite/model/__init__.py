@@ -1,7 +1,8 @@
-"""The model, one concept per file: norm, rope, mla, moe, mtp, block, transformer, cache,
-losses, output."""
+"""The model, one concept per file: norm, rope, mla, moe, experts, mtp, block, transformer,
+cache, losses, output."""
 
 from .cache import KVCache
+from .experts import Experts, set_moe_impl
 from .losses import sequence_balance_loss
 from .mla import MLA
 from .moe import MLP, Gate, MoE, Routing
@@ -15,6 +16,8 @@ __all__ = [
     "MLP",
     "Gate",
     "MoE",
+    "Experts",
+    "set_moe_impl",
     "Routing",
     "MTPModule",
     "DeepSeekV3",
