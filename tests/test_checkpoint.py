@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from dsv3lite import DeepSeekV3, ModelConfig, load_pretrained, preset, save_pretrained
 from dsv3lite.checkpoint import INDEX_NAME, SCALE_SUFFIX, SINGLE_NAME, release_state_dict
 from dsv3lite.fp8 import weight_dequant, weight_quant
+from dsv3lite.testing import rel_err
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
              num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
@@ -44,10 +45,6 @@ def _assert_same_state(a: DeepSeekV3, b: DeepSeekV3) -> None:
     for key in sa:
         assert sa[key].dtype == sb[key].dtype, key
         assert torch.equal(sa[key], sb[key]), key
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _rewrite(path, change) -> None:
@@ -146,12 +143,12 @@ def test_fp8_round_trip(tmp_path):
     for key, value in state.items():
         if key in fp8:
             assert value.equal(weight_dequant(stored[key], stored[key + SCALE_SUFFIX]))
-            assert _rel(value, original[key]) < 0.04, key  # E4M3 keeps 3 mantissa bits
+            assert rel_err(value, original[key]) < 0.04, key  # E4M3 keeps 3 mantissa bits
         else:
             assert value.equal(original[key]), key
     ids = _ids(model)
     with torch.no_grad():
-        assert _rel(loaded(ids).logits, model(ids).logits) < 0.05
+        assert rel_err(loaded(ids).logits, model(ids).logits) < 0.05
 
 
 def _reference_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -329,4 +326,4 @@ def test_tiny_preset_sharded_fp8_round_trip(tmp_path):
     loaded = load_pretrained(tmp_path)
     ids = _ids(model)
     with torch.no_grad():
-        assert _rel(loaded(ids).logits, model(ids).logits) < 0.1
+        assert rel_err(loaded(ids).logits, model(ids).logits) < 0.1

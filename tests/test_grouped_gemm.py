@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from dsv3lite.testing import rel_err
+
 # name -> tokens, top-k, experts, K, N, dtype, fused SwiGLU, gather rows, experts left empty
 CASES: dict[str, dict[str, Any]] = {
     "ragged K and N, empty experts": dict(t=13, k=3, e=6, K=48, N=40, dt="bfloat16", swiglu=False, gather=True, empty=[2, 5]),
@@ -109,11 +111,7 @@ def run_case(case: dict[str, Any], device: str, seed: int = 0) -> dict[str, floa
     assert out.shape == out_ref.shape and out.dtype == out_dtype
     if ref.numel() == 0:
         return {"gemm": 0.0, "combine": 0.0}
-    return {"gemm": _rel(y, ref), "combine": _rel(out, out_ref)}
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref).norm() / ref.norm())
+    return {"gemm": rel_err(y, ref), "combine": rel_err(out, out_ref)}
 
 
 def routed_moe_error(device: str) -> float:
@@ -135,7 +133,7 @@ def routed_moe_error(device: str) -> float:
         out = moe_forward(
             x, routing.indices, routing.weights, experts.gate_up_proj, experts.down_proj
         )
-    return _rel(out, ref.float())
+    return rel_err(out, ref.float())
 
 
 def raise_error(what: str, device: str) -> str:
