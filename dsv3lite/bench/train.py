@@ -10,7 +10,10 @@ bf16 autocast on a GPU, fp32 on the CPU. Rows:
   has no MTP), sdpa attention and its ``grouped_mm`` experts where the installed version has
   them (else its default); its own loss (``labels=``), the way a user would train it;
 * ``train ours`` — MTP off too: the like-for-like row, and the ratio ours / transformers;
-* ``train ours +MTP`` — the preset as the report trains it, with its MTP module.
+* ``train ours +MTP`` — the preset as the report trains it, with its MTP module;
+* ``train ours eager`` — where ``train`` compiles the layers (CUDA: ``TrainConfig.compiles``),
+  the same step without compiling, to show what it buys. The ours rows take the path ``train``
+  takes.
 
 Kernel launches per step come from ``torch.profiler`` over one step: CUDA kernels on a GPU
 (launch counts bound small models), ``aten::`` operator calls on the CPU, which has no kernels.
@@ -59,8 +62,12 @@ def run(device: torch.device, quick: bool, preset_name: str | None = None) -> Re
     no_mtp = config.replace(num_nextn_predict_layers=0)
     res.rows.append(_transformers_row(no_mtp, ids, cfg, device, quick, shape, peak))
     _free(device)
-    for label, model_config in (("train ours", no_mtp), ("train ours +MTP", config)):
-        res.rows.append(_ours_row(label, model_config, ids, cfg, device, quick, shape, peak))
+    runs = [("train ours", no_mtp, cfg.compiles()), ("train ours +MTP", config, cfg.compiles())]
+    if cfg.compiles():  # what compiling the layers buys: the same step, eager
+        runs.append(("train ours eager", no_mtp, False))
+    for label, model_config, compiled in runs:
+        row = _ours_row(label, model_config, ids, cfg, device, quick, shape, peak, compiled)
+        res.rows.append(row)
         _free(device)
     res.ratio("ours / transformers (MTP off)", "train ours", "train transformers")
     res.ratio("ours +MTP / transformers (MTP off)", "train ours +MTP", "train transformers")
@@ -91,11 +98,14 @@ def _matmul_row(res: Results, device: torch.device, quick: bool) -> float:
     return tflops * 1e12
 
 
-def _ours_row(label, config, ids, cfg, device, quick, shape, peak) -> Row:
-    """Our model, built on the device, one step = forward with losses, backward, AdamW."""
+def _ours_row(label, config, ids, cfg, device, quick, shape, peak, compiled) -> Row:
+    """Our model, built on the device, one step = forward with losses, backward, AdamW; its
+    layers compiled as ``train`` compiles them (``compiled``)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = DeepSeekV3(config).train()
+    if compiled:
+        model.compile_layers()
     opt = build_optimizer(model, cfg)
     x, y = ids[:, :-1], ids[:, 1:]
     loss_args = {**cfg.loss_args(), "mtp": config.num_nextn_predict_layers > 0}
@@ -104,6 +114,7 @@ def _ours_row(label, config, ids, cfg, device, quick, shape, peak) -> Row:
         return model(x, labels=y, **loss_args).loss
 
     note = "MTP on" if config.num_nextn_predict_layers else "MTP off"
+    note += ", compiled layers" if compiled else ", eager"
     return _timed_step(label, loss, opt, config, ids, device, quick, shape, peak, note)
 
 

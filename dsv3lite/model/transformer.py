@@ -81,6 +81,15 @@ class DeepSeekV3(nn.Module):
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
 
+    def compile_layers(self) -> None:
+        """``torch.compile`` each decoder layer and MTP module in place. On a GPU the eager
+        training step is bound by the host launching thousands of small kernels (norms, RoPE,
+        SwiGLU, residual adds); compiled, each layer fuses them. Layers of one kind share one
+        graph, and the experts' path has no host synchronisation, so changing expert loads do
+        not recompile."""
+        for module in (*self.model.layers, *self.model.mtp):
+            module.compile()
+
     def moe_layers(self) -> list[MoE]:
         """Every MoE FFN, main layers first, then the MTP modules' (the order of
         ``ModelOutput.routing``), whatever their dispatcher (local or expert-parallel)."""

@@ -17,7 +17,7 @@ from ..errors import UserInputError
 from ..model.experts import MOE_IMPLS
 from ..parallel.launch import collective_failed
 from .balance import BALANCE_MODES
-from .config import TrainConfig
+from .config import COMPILE_MODES, TrainConfig
 from .trainer import train
 
 _HELP = {
@@ -34,6 +34,7 @@ _HELP = {
     "micro-batches)",
     "moe_impl": "routed experts: auto (grouped_mm on a GPU, local on the CPU), local, "
     "grouped_mm (torch._grouped_mm) or triton (the project's grouped GEMM)",
+    "compile": "torch.compile each decoder layer: auto (on CUDA, without --ep/--pp/--fp8), on, off",
     "pp": "pipeline stages, one per rank (1F1B): start with torchrun --nproc-per-node PP",
     "micro_batches": "with --pp: micro-batches per step, dividing --batch-size (0: up to 2*pp)",
     "balance": "aux-free (bias update, §2.1.2), aux-loss (eqs. 17-20) or none",
@@ -62,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = BALANCE_MODES
         if f.name == "moe_impl":
             kwargs["choices"] = MOE_IMPLS
+        if f.name == "compile":
+            kwargs["choices"] = COMPILE_MODES
         parser.add_argument(flag, type=kind, **kwargs)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -18,6 +18,10 @@ from ..errors import UserInputError, check_bool, check_int, check_number
 from ..model.experts import MOE_IMPLS
 from .balance import BALANCE_MODES
 
+# torch.compile of each decoder layer: 'auto' compiles on CUDA for a single-process bf16 run (the
+# eager GPU step is bound by launching ~4,000 small kernels; fused layers launch half as many)
+COMPILE_MODES = ("auto", "on", "off")
+
 
 @dataclass
 class TrainConfig:
@@ -49,10 +53,19 @@ class TrainConfig:
     ep: int = 1  # expert-parallel ranks (torchrun --nproc-per-node ep)
     ep_overlap: bool = False  # --ep: the two-micro-batch overlap of dispatch/combine
     moe_impl: str = "auto"  # how the routed experts compute: model/experts.py's MOE_IMPLS
+    compile: str = "auto"  # torch.compile each decoder layer: COMPILE_MODES (auto: on CUDA)
     pp: int = 1  # pipeline stages, one per rank (torchrun --nproc-per-node pp)
     micro_batches: int = 0  # --pp: the batch's split for the pipeline (0: up to 2·pp)
     timeout_s: float = 60.0  # how long a collective waits for a frozen or dead rank (torchrun)
     model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def compiles(self) -> bool:
+        """Whether the run compiles its layers: 'on', or 'auto' for a single-process CUDA run
+        without FP8 (the expert-parallel and pipeline collectives and the FP8 kernels stay
+        eager)."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        return self.device.startswith("cuda") and self.ep == 1 and self.pp == 1 and not self.fp8
 
     def loss_args(self) -> dict[str, Any]:
         """The loss keywords of ``DeepSeekV3.forward`` for this run: the MTP modules run in every
@@ -76,6 +89,10 @@ class TrainConfig:
             check_number(f"TrainConfig.{name}", getattr(self, name), strict=False)
         for name in ("fp8", "progress", "ep_overlap"):
             check_bool(f"TrainConfig.{name}", getattr(self, name))
+        if self.compile not in COMPILE_MODES:
+            raise UserInputError(
+                f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}"
+            )
         if self.moe_impl not in MOE_IMPLS:
             raise UserInputError(
                 f"TrainConfig.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}"

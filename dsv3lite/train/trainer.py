@@ -43,7 +43,8 @@ from .schedule import lr_at
 
 # Fields that may change between a run and its --resume; any other difference is refused.
 RESUMABLE_CHANGES = {
-    "steps", "log_every", "eval_every", "ckpt_every", "device", "out", "progress", "timeout_s"
+    "steps", "log_every", "eval_every", "ckpt_every", "device", "out", "progress", "timeout_s",
+    "compile", "moe_impl",
 }  # fmt: skip
 EVAL_SEED = 1234  # the validation batches' generator (plus the data-parallel rank)
 
@@ -99,6 +100,8 @@ def train(
         from ..fp8 import to_fp8
 
         to_fp8(model)
+    if cfg.compiles():
+        model.compile_layers()
     data = TokenData.from_text(text, tok)
     entropy = data.unigram_entropy()
     opt = build_optimizer(trained, cfg)
