@@ -7,31 +7,13 @@ import os
 import pytest
 import safetensors.torch
 import torch
+from models import random_model
 from safetensors.torch import load_file, save_file
 
-from dsv3lite import DeepSeekV3, ModelConfig, load_pretrained, preset, save_pretrained
+from dsv3lite import DeepSeekV3, load_pretrained, preset, save_pretrained
 from dsv3lite.checkpoint import INDEX_NAME, SCALE_SUFFIX, SINGLE_NAME, release_state_dict
 from dsv3lite.fp8 import weight_dequant, weight_quant
 from dsv3lite.testing import rel_err
-
-SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-             num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
-             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-             num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-             routed_scaling_factor=2.5, max_position_embeddings=64)  # fmt: skip
-
-
-def _model(seed: int = 0, **overrides) -> DeepSeekV3:
-    """A random model whose norms and router bias are not at their initial values."""
-    torch.manual_seed(seed)
-    model = DeepSeekV3(ModelConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.2)
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0.0, 0.1)
-    return model
 
 
 def _ids(model: DeepSeekV3, seed: int = 1) -> torch.Tensor:
@@ -60,7 +42,7 @@ def _rewrite(path, change) -> None:
     ids=["mtp1", "tied", "no-q-lora-mtp2"],
 )
 def test_round_trip_is_exact(overrides, tmp_path):
-    model = _model(**overrides)
+    model = random_model(**overrides)
     save_pretrained(model, tmp_path)
     loaded = load_pretrained(tmp_path)
     _assert_same_state(model, loaded)
@@ -78,7 +60,7 @@ def test_round_trip_is_exact(overrides, tmp_path):
 
 def test_release_layout_of_the_mtp_module(tmp_path):
     """MTP module k is stored as layer L+k, with copies of the embedding and the head."""
-    model = _model()
+    model = random_model()
     save_pretrained(model, tmp_path)
     stored = load_file(tmp_path / SINGLE_NAME)
     mtp = f"model.layers.{model.config.num_hidden_layers}"
@@ -93,7 +75,7 @@ def test_release_layout_of_the_mtp_module(tmp_path):
 
 
 def test_sharded_round_trip(tmp_path):
-    model = _model()
+    model = random_model()
     save_pretrained(model, tmp_path, max_shard_size=64 * 1024)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     shards = sorted({name for name in index["weight_map"].values()})
@@ -113,7 +95,7 @@ def test_sharded_round_trip(tmp_path):
 
 def test_dtype_from_config_and_override(tmp_path):
     """A bf16 model is saved in bf16 and loads in bf16 unless asked; the router bias stays fp32."""
-    model = _model().to(torch.bfloat16)
+    model = random_model().to(torch.bfloat16)
     save_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     loaded = load_pretrained(tmp_path)
@@ -125,7 +107,7 @@ def test_dtype_from_config_and_override(tmp_path):
 
 
 def test_fp8_round_trip(tmp_path):
-    model = _model(seed=2)
+    model = random_model(seed=2)
     save_pretrained(model, tmp_path, fp8=True)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
@@ -163,7 +145,7 @@ def _reference_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def test_fp8_ragged_edge_blocks(tmp_path):
     """Dimensions of 200 and 300 leave partial edge blocks, each with a scale of its own."""
-    model = _model(seed=3, hidden_size=200, intermediate_size=300, moe_intermediate_size=136,
+    model = random_model(seed=3, hidden_size=200, intermediate_size=300, moe_intermediate_size=136,
                    num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)  # fmt: skip
     save_pretrained(model, tmp_path, fp8=True)
     stored = load_file(tmp_path / SINGLE_NAME)
@@ -195,7 +177,7 @@ def test_weight_quant_convention():
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
-    model = _model()
+    model = random_model()
     save_pretrained(model, tmp_path)
     key = "model.layers.1.self_attn.kv_b_proj.weight"
     _rewrite(tmp_path, lambda t: t.pop(key))
@@ -214,7 +196,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
 
 
 def test_mtp_layer_beyond_the_config_is_unexpected(tmp_path):
-    save_pretrained(_model(num_nextn_predict_layers=2), tmp_path)
+    save_pretrained(random_model(num_nextn_predict_layers=2), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     with pytest.raises(ValueError, match=r"unexpected key model\.layers\.3\.enorm\.weight"):
@@ -224,7 +206,7 @@ def test_mtp_layer_beyond_the_config_is_unexpected(tmp_path):
 def test_checkpoint_without_mtp_weights_loads_the_main_model(tmp_path):
     """transformers' save_pretrained drops the MTP layer: the main model loads, with a warning,
     or require_mtp refuses it."""
-    model = _model()
+    model = random_model()
     save_pretrained(model, tmp_path)
     _rewrite(tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.2.")])
     with pytest.warns(UserWarning, match=r"no MTP weights \(model\.layers\.2\.\*\).*speculative"):
@@ -238,7 +220,7 @@ def test_checkpoint_without_mtp_weights_loads_the_main_model(tmp_path):
 
 
 def test_partial_mtp_layer_is_named_as_missing(tmp_path):
-    save_pretrained(_model(), tmp_path)
+    save_pretrained(random_model(), tmp_path)
     key = "model.layers.2.eh_proj.weight"
     _rewrite(tmp_path, lambda t: t.pop(key))
     with pytest.raises(ValueError, match=rf"missing key {key} \(expected shape \[64, 128\]\)"):
@@ -247,7 +229,7 @@ def test_partial_mtp_layer_is_named_as_missing(tmp_path):
 
 @pytest.mark.parametrize("copy", ["embed_tokens.weight", "shared_head.head.weight"])
 def test_mtp_copy_that_differs_is_refused(copy, tmp_path):
-    save_pretrained(_model(), tmp_path)
+    save_pretrained(random_model(), tmp_path)
     key = f"model.layers.2.{copy}"
     _rewrite(tmp_path, lambda t: t[key].add_(1e-3))
     with pytest.raises(ValueError, match=rf"{key} differs from"):
@@ -255,7 +237,7 @@ def test_mtp_copy_that_differs_is_refused(copy, tmp_path):
 
 
 def test_fp8_errors_name_the_field_or_key(tmp_path):
-    save_pretrained(_model(), tmp_path, fp8=True)
+    save_pretrained(random_model(), tmp_path, fp8=True)
     config_path = tmp_path / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"]["weight_block_size"] = [64, 64]
@@ -277,7 +259,7 @@ def test_missing_config_names_the_path(tmp_path):
 def test_write_is_atomic(tmp_path, monkeypatch):
     """A writer that dies on the second shard leaves the old checkpoint intact and no debris."""
     path = tmp_path / "ckpt"
-    old = _model(seed=5)
+    old = random_model(seed=5)
     save_pretrained(old, path)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     real_save, calls = safetensors.torch.save_file, []
@@ -290,7 +272,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(_model(seed=6), path, max_shard_size=64 * 1024)
+        save_pretrained(random_model(seed=6), path, max_shard_size=64 * 1024)
     assert len(calls) == 2
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
@@ -299,9 +281,9 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 
 def test_overwrite_replaces_weights_and_keeps_other_files(tmp_path):
     path = tmp_path / "ckpt"
-    save_pretrained(_model(seed=5), path, max_shard_size=64 * 1024)
+    save_pretrained(random_model(seed=5), path, max_shard_size=64 * 1024)
     (path / "tokenizer.json").write_text("{}")
-    new = _model(seed=6)
+    new = random_model(seed=6)
     save_pretrained(new, path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", SINGLE_NAME, "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
@@ -314,7 +296,7 @@ def test_overwrite_replaces_weights_and_keeps_other_files(tmp_path):
 def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a checkpoint"):
-        save_pretrained(_model(), tmp_path)
+        save_pretrained(random_model(), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from models import random_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,30 +22,12 @@ from dsv3lite.convert import (
 )
 from dsv3lite.errors import UserInputError
 
-SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-             num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
-             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-             num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-             routed_scaling_factor=2.5, max_position_embeddings=64)  # fmt: skip
 # every dim that is cut across 2 ranks is a multiple of 2 × 128, so FP8 blocks are not split
 FP8_SHAPES = dict(vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=256,
                   num_hidden_layers=2, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64,
                   qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=4,
                   num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                   max_position_embeddings=64)  # fmt: skip
-
-
-def _model(seed: int = 0, **overrides) -> DeepSeekV3:
-    """Fresh random weights, norms away from 1 and a non-zero router bias."""
-    torch.manual_seed(seed)
-    model = DeepSeekV3(ModelConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.2)
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0.0, 0.1)
-    return model
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
@@ -76,7 +59,7 @@ def _logits(model: DeepSeekV3, seed: int = 1) -> tuple[torch.Tensor, list[torch.
     ids=["mp1", "mp2", "mp2-no-q-lora-mtp2"],
 )
 def test_round_trip_is_exact(mp, overrides, tmp_path):
-    model = _model(**overrides)
+    model = random_model(**overrides)
     save_pretrained(model, tmp_path / "hf")
     to_official(tmp_path / "hf", tmp_path / "official", mp=mp)
     files = {p.name for p in (tmp_path / "official").iterdir()}
@@ -93,7 +76,7 @@ def test_round_trip_is_exact(mp, overrides, tmp_path):
 
 @pytest.mark.parametrize("mp", [1, 2])
 def test_fp8_round_trip_keeps_the_bytes(mp, tmp_path):
-    model = _model(seed=2, **FP8_SHAPES)
+    model = random_model(seed=2, **FP8_SHAPES)
     save_pretrained(model, tmp_path / "hf", fp8=True)
     to_official(tmp_path / "hf", tmp_path / "official", mp=mp)
     args = json.loads((tmp_path / "official" / ARGS_NAME).read_text())
@@ -111,7 +94,7 @@ def test_fp8_round_trip_keeps_the_bytes(mp, tmp_path):
 
 
 def test_fp8_cut_inside_a_scale_block_is_refused(tmp_path):
-    save_pretrained(_model(), tmp_path / "hf", fp8=True)
+    save_pretrained(random_model(), tmp_path / "hf", fp8=True)
     with pytest.raises(UserInputError, match=r"q_b_proj.weight is FP8 .* 128-wide scale blocks"):
         to_official(tmp_path / "hf", tmp_path / "official", mp=2)
     assert not (tmp_path / "official").exists()
@@ -124,7 +107,7 @@ _ROW = ("o_proj", "down_proj")
 
 
 def test_ranks_hold_their_cuts(tmp_path):
-    model = _model()
+    model = random_model()
     save_pretrained(model, tmp_path / "hf")
     to_official(tmp_path / "hf", tmp_path / "official", mp=2)
     official = tmp_path / "official"
@@ -175,7 +158,7 @@ def test_ranks_hold_their_cuts(tmp_path):
 
 def test_a_checkpoint_without_its_mtp_layer_converts(tmp_path):
     """transformers writes no MTP layer but keeps num_nextn_predict_layers=1 in config.json."""
-    save_pretrained(_model(num_nextn_predict_layers=0), tmp_path / "hf")
+    save_pretrained(random_model(num_nextn_predict_layers=0), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(
         json.dumps(config | {"num_nextn_predict_layers": 1})
@@ -196,7 +179,7 @@ def _strip_biases(folder) -> None:
 
 @pytest.mark.parametrize("n_group, rule", [(4, "max"), (1, "top2_sum")])
 def test_official_gates_without_bias_route_by_max(n_group, rule, tmp_path):
-    model = _model(n_group=n_group, topk_group=min(n_group, 2))
+    model = random_model(n_group=n_group, topk_group=min(n_group, 2))
     save_pretrained(model, tmp_path / "hf")
     to_official(tmp_path / "hf", tmp_path / "official", mp=2)
     _strip_biases(tmp_path / "official")
@@ -211,7 +194,7 @@ def test_official_gates_without_bias_route_by_max(n_group, rule, tmp_path):
 
 
 def test_group_score_max_with_a_bias_is_refused(tmp_path):
-    model = _model()
+    model = random_model()
     model.config = model.config.replace(group_score="max")
     save_pretrained(model, tmp_path / "hf")
     with pytest.raises(UserInputError, match="e_score_correction_bias is not zero"):
@@ -244,13 +227,13 @@ def test_model_args_of_deepseeks_configs():
 
 
 def test_configs_the_inference_code_cannot_run_are_refused(tmp_path):
-    save_pretrained(_model(rms_norm_eps=1e-5), tmp_path / "hf")
+    save_pretrained(random_model(rms_norm_eps=1e-5), tmp_path / "hf")
     with pytest.raises(UserInputError, match="rms_norm_eps=1e-05"):
         to_official(tmp_path / "hf", tmp_path / "official")
 
 
 def test_loading_the_inference_format_says_how_to_convert(tmp_path):
-    save_pretrained(_model(), tmp_path / "hf")
+    save_pretrained(random_model(), tmp_path / "hf")
     to_official(tmp_path / "hf", tmp_path / "official", mp=2)
     command = f"python -m dsv3lite convert {tmp_path / 'official'} {tmp_path / 'official'}-hf"
     with pytest.raises(UserInputError, match="DeepSeek's inference format") as err:
@@ -273,7 +256,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_converts_both_ways(tmp_path):
-    model = _model()
+    model = random_model()
     save_pretrained(model, tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text("{}")
     done = _cli(tmp_path / "hf", tmp_path / "official", "--to", "official", "--mp", "2")

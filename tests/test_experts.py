@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models import per_pair_moe
 
 from dsv3lite import DeepSeekV3
 from dsv3lite.config import preset
@@ -30,20 +31,6 @@ def _moe(seed: int = 0, **overrides) -> MoE:
             p.normal_(0.0, 0.1)
         moe.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
     return moe
-
-
-def _per_pair_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Eq. (12) token by token, choice by choice, in moe's dtype: nothing sorted or stacked."""
-    routing = moe.gate(x)
-    w1, w2 = moe.experts.gate_up_proj, moe.experts.down_proj
-    rows = []
-    for t in range(x.shape[0]):
-        y = moe.shared_experts(x[t])
-        for e, g in zip(routing.indices[t].tolist(), routing.weights[t]):
-            gate, up = (w1[e] @ x[t]).chunk(2)
-            y = y + g.to(x.dtype) * (w2[e] @ (F.silu(gate) * up))
-        rows.append(y)
-    return torch.stack(rows)
 
 
 def _forward_backward(moe: MoE, x: torch.Tensor, probe: torch.Tensor) -> dict:
@@ -75,8 +62,8 @@ def test_dispatch_matches_a_per_pair_fp64_loop(impl):
     out = _forward_backward(moe, x, probe)
 
     xr = x.double().requires_grad_()
-    (_per_pair_loop(ref, xr) * probe.double()).sum().backward()
-    expected = {"y": _per_pair_loop(ref, x.double()).detach(), "x": xr.grad}
+    (per_pair_moe(ref, xr) * probe.double()).sum().backward()
+    expected = {"y": per_pair_moe(ref, x.double()).detach(), "x": xr.grad}
     expected.update((n, p.grad) for n, p in ref.named_parameters())
     assert set(out) == set(expected)
     for name, value in out.items():
