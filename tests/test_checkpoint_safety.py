@@ -7,8 +7,9 @@ import shutil
 import pytest
 import torch
 from crash import Kill, Killed
+from models import random_model
 from safetensors.torch import save_file
-from test_checkpoint import _model, _rewrite
+from test_checkpoint import _rewrite
 
 from dsv3lite import load_pretrained, save_pretrained
 from dsv3lite.checkpoint import INDEX_NAME, SINGLE_NAME
@@ -19,14 +20,14 @@ KEY = "model.layers.1.self_attn.kv_b_proj.weight"  # [64, 32]
 @pytest.fixture
 def ckpt(tmp_path):
     path = tmp_path / "ckpt"
-    save_pretrained(_model(), path)
+    save_pretrained(random_model(), path)
     return path
 
 
 @pytest.fixture
 def sharded(tmp_path):
     path = tmp_path / "sharded"
-    save_pretrained(_model(), path, max_shard_size=64 * 1024)
+    save_pretrained(random_model(), path, max_shard_size=64 * 1024)
     return path
 
 
@@ -174,7 +175,7 @@ def test_a_kill_at_any_file_operation_of_save_pretrained_loses_nothing(tmp_path,
     """Kill an overwrite at its 1st, 2nd, ... file operation (before it, then after it). The
     folder holds the old checkpoint or the new one, or, killed between the two renames, nothing
     while the old one waits aside; the next save restores it first and leaves no debris."""
-    old, new = _model(seed=5), _model(seed=6)
+    old, new = random_model(seed=5), random_model(seed=6)
     states = [old.state_dict(), new.state_dict()]
     template = tmp_path / "template"
     save_pretrained(old, template, max_shard_size=64 * 1024)
