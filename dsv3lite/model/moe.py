@@ -87,10 +87,12 @@ class Gate(nn.Module):
         if c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * c.routed_scaling_factor
-        # a scatter, not bincount: bincount reads the max back to the host (a sync per layer)
+        # a scatter, not bincount: bincount reads the max back to the host (a sync per layer);
+        # counted in int32, which a compiled GPU graph adds atomically (int64 it cannot: it
+        # falls back to a sorting index_put with bound checks, a dozen kernels per layer)
         flat = indices.flatten()
-        load = torch.zeros(c.n_routed_experts, dtype=torch.long, device=flat.device)
-        load.index_add_(0, flat, torch.ones_like(flat))
+        load = torch.zeros(c.n_routed_experts, dtype=torch.int32, device=flat.device)
+        load = load.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).long()
         return Routing(weights=weights, indices=indices, scores=scores, load=load)
 
     def _limit_groups(self, biased: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,7 @@ class MoE(nn.Module):
 
     The routed part goes through ``dispatcher``: a ``LocalDispatcher`` (every expert on this
     process) unless ``dsv3lite.parallel.shard_moe_layers`` plugged in its expert-parallel one.
-    Both share ``sort_pairs`` and ``combine``; only where the sorted rows are computed differs.
+    Both share ``sort_pairs``, ``gather`` and ``combine``; only where the sorted rows are computed differs.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -146,6 +148,8 @@ class Pairs:
     (pair p = token p // K_r, its (p % K_r)-th choice). Expert i owns the sorted rows from
     counts[0] + … + counts[i-1] on, so each expert's rows are one contiguous slice."""
 
+    k: int  # K_r, the pairs of each token
+    order: torch.Tensor  # [N·K_r] the number p of each sorted pair: a permutation of 0 … N·K_r−1
     token: torch.Tensor  # [N·K_r] the token of each sorted pair (stable: by token in an expert)
     weight: torch.Tensor  # [N·K_r] g_{i,t} of each sorted pair (fp32, with grad)
     counts: torch.Tensor  # [N_r] pairs per expert: the gate's load, counted once
@@ -153,12 +157,47 @@ class Pairs:
 
 def sort_pairs(routing: Routing) -> Pairs:
     """Sort the pairs by expert (on the device: no host sync)."""
-    order = routing.indices.flatten().argsort(stable=True)
+    # the narrowest integer that holds an expert id: a GPU radix sort makes one pass per byte
+    # of the key, so int16 ids sort in 2 passes where topk's int64 would take 8
+    n_experts, k = routing.scores.shape[1], routing.indices.shape[1]
+    key = routing.indices.flatten().to(torch.int16 if n_experts <= 2**15 else torch.int32)
+    order = key.argsort(stable=True)
     return Pairs(
-        token=order // routing.indices.shape[1],
-        weight=routing.weights.flatten()[order],
+        k=k,
+        order=order,
+        token=order // k,
+        weight=_GatherPairs.apply(routing.weights.flatten(), order, 1),
         counts=routing.load,
     )
+
+
+def gather(x: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+    """The sorted pairs' rows of x [N, hidden] → [N·K_r, hidden] (x[pairs.token], with the
+    cheaper backward of ``_GatherPairs``)."""
+    return _GatherPairs.apply(x, pairs.order, pairs.k)
+
+
+class _GatherPairs(torch.autograd.Function):
+    """rows[j] = x[order[j] // k]: each row of x [N, ...] copied to its k pairs, in sorted order.
+
+    For a general index autograd's backward is a scatter-add (an accumulating index_put, which
+    a GPU runs as another sort and a dozen small kernels). ``order`` is a permutation, so the
+    gradient is its inverse permutation — a gather again — then a sum over each row's k copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        positions = torch.arange(order.numel(), device=order.device)
+        inverse = torch.empty_like(order).scatter_(0, order, positions)  # inverse[order[j]] = j
+        by_pair = grad.index_select(0, inverse)  # row p: the gradient of pair p
+        return by_pair.view(-1, ctx.k, *grad.shape[1:]).sum(1), None, None
 
 
 def combine(out: torch.Tensor, pairs: Pairs, n_tokens: int) -> torch.Tensor:
@@ -186,5 +225,5 @@ class LocalDispatcher:
         self, experts: Experts, shared: nn.Module | None, x: torch.Tensor, routing: Routing
     ) -> torch.Tensor:
         pairs = sort_pairs(routing)
-        y = combine(experts(x[pairs.token], pairs.counts), pairs, x.shape[0]).to(x.dtype)
+        y = combine(experts(gather(x, pairs), pairs.counts), pairs, x.shape[0]).to(x.dtype)
         return y if shared is None else y + shared(x)

@@ -89,6 +89,10 @@ class DeepSeekV3(nn.Module):
         not recompile."""
         for module in (*self.model.layers, *self.model.mtp):
             module.compile()
+        # the head and the losses too: the fp32 cross-entropy over the vocabulary fuses into a
+        # few kernels instead of materialising fp32 logits (an instance attribute: the model's
+        # forward calls self.outputs, so this is the path it takes)
+        self.outputs = torch.compile(self.outputs)
 
     def moe_layers(self) -> list[MoE]:
         """Every MoE FFN, main layers first, then the MTP modules' (the order of

@@ -17,7 +17,7 @@ experts are replicated. Every rank routes its own tokens, then:
 The MoE layer is the model's own: ``shard_moe`` cuts its stacked experts to this rank's slice
 and plugs an ``ExpertParallelDispatcher`` in place of its ``LocalDispatcher`` (the model does
 not know about process groups). The sort and the weighted combine are the ones the local path
-uses (``moe.sort_pairs``, ``moe.combine``), and the per-expert counts are the gate's load.
+uses (``moe.sort_pairs``, ``moe.gather``, ``moe.combine``), and the per-expert counts are the gate's load.
 
 The all-to-all is differentiable: its backward is the reverse all-to-all of the gradients, so
 ``loss.backward()`` on every rank trains the sharded experts exactly as one process would.
@@ -42,7 +42,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..fp8 import FP8, act_dequant, act_quant
 from ..model.experts import Experts
-from ..model.moe import MoE, Pairs, Routing, combine, sort_pairs
+from ..model.moe import MoE, Pairs, Routing, combine, gather, sort_pairs
 from .launch import check_same_on_all_ranks
 from .overlap import OVERLAPPED, SEQUENTIAL, Pending
 
@@ -182,14 +182,14 @@ class ExpertParallelDispatcher:
 
     def dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, Pending]:
         """Step 2: send each pair's hidden state to its expert's owner (started, not awaited)."""
-        rows = x[plan.pairs.token]
+        rows = gather(x, plan.pairs)
         return all_to_all(rows, plan.recv_splits, plan.send_splits, self.group, self.fp8_dispatch)
 
     def compute(self, experts: Experts, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Step 3: the local experts on the received rows, grouped by expert (one contiguous
         slice each, as on one process), then put back in arrival order."""
-        out = experts(received[plan.recv_order], plan.recv_counts.sum(0))
-        return out[plan.recv_order.argsort()]
+        out = experts(received.index_select(0, plan.recv_order), plan.recv_counts.sum(0))
+        return out.index_select(0, plan.recv_order.argsort())  # index_select: see moe.gather
 
     def send_back(self, out: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, Pending]:
         """Step 4a: send expert outputs back to the tokens' ranks (full precision; started)."""
