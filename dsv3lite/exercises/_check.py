@@ -8,6 +8,7 @@ differ it tries the usual wrong answers one by one: the first that matches names
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +35,31 @@ class ExerciseError(AssertionError):
         super().__init__(text)
 
 
+class NotAttempted(Exception):
+    """The learner's function is still the stub: it returned None or raised
+    NotImplementedError. Not a wrong answer: ``exercise`` turns it into one line."""
+
+
+def exercise(check: Callable) -> Callable:
+    """Decorates every public check. A stub not yet written (``NotAttempted``) gets one line
+    that says what to do, instead of an error, so that Run All runs a notebook to its end and
+    its saved output shows the exercise still open; any other wrong answer raises
+    ExerciseError."""
+
+    @functools.wraps(check)
+    def run(fn: Callable, *args: Any, **kwargs: Any) -> None:
+        try:
+            check(fn, *args, **kwargs)
+        except NotAttempted:
+            name = getattr(fn, "__name__", "your function")
+            print(
+                f"… not done yet — {name} is still the stub: write its body in the cell above, "
+                "then run this cell again"
+            )
+
+    return run
+
+
 def fresh_seed(seed: int | None) -> int:
     """``seed`` itself, or a new one: every run of a check sees new inputs unless asked not to."""
     return random.SystemRandom().randrange(2**31) if seed is None else int(seed)
@@ -52,18 +78,24 @@ def passed(what: str) -> None:
     print(f"✓ correct — {what}")
 
 
-def call(fn: Callable, args: tuple, seed: int, hint: str) -> Any:
+def call(fn: Callable, args: tuple, seed: int, hint: str, returns_none: bool = False) -> Any:
     """The learner's ``fn(*args)``; an exception it raises becomes an ExerciseError that shows
-    it (the original stays attached as the cause, so its traceback is still there)."""
+    it (the original stays attached as the cause, so its traceback is still there). None
+    (unless ``returns_none``: a kernel launch) or NotImplementedError: ``NotAttempted``."""
     try:
-        return fn(*args)
+        result = fn(*args)
     except ExerciseError:
         raise
+    except NotImplementedError as err:
+        raise NotAttempted from err
     except Exception as err:  # noqa: BLE001 - any error of the learner's code is reported
         name = getattr(fn, "__name__", "your function")
         raise ExerciseError(
             f"{name} raised {type(err).__name__}: {err}", hint=hint, seed=seed
         ) from err
+    if result is None and not returns_none:
+        raise NotAttempted
+    return result
 
 
 def as_tensor(got: Any, what: str, seed: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 
 from ..parallel.schedules import schedule, simulate, table2
-from ._check import ExerciseError, call, fresh_seed, passed
+from ._check import ExerciseError, call, exercise, fresh_seed, passed
 
 BUBBLE_HINT = (
     "Table 2: 1F1B (PP−1)(F+B); ZB1P (PP−1)(F+B−2W); DualPipe (PP/2−1)(F&B+B−3W), where F&B "
@@ -19,6 +19,7 @@ ONE_F_ONE_B_HINT = (
 KINDS = ("1f1b", "zb1p", "dualpipe")
 
 
+@exercise
 def check_pipeline_bubble(pipeline_bubble: Callable, *, seed: int | None = None) -> None:
     """Check ``pipeline_bubble(kind, pp, F, B, W, FB) -> float``, Table 2's bubble column.
 
@@ -92,6 +93,7 @@ def _bubble_mistake(got: float, ref: float, kind, pp, f, b, w, fb) -> str:
     return f"{kind}: that is not Table 2's bubble"
 
 
+@exercise
 def check_one_f_one_b(one_f_one_b: Callable, *, seed: int | None = None) -> None:
     """Check ``one_f_one_b(pp, rank, micro_batches) -> list of ops`` for one rank of 1F1B.
 

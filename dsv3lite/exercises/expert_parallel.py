@@ -9,7 +9,16 @@ import torch
 
 from ..model.moe import Routing
 from ..parallel.expert_parallel import ExpertParallelDispatcher
-from ._check import ExerciseError, as_tensor, call, expect_shape, fresh_seed, passed, seeded
+from ._check import (
+    ExerciseError,
+    as_tensor,
+    call,
+    exercise,
+    expect_shape,
+    fresh_seed,
+    passed,
+    seeded,
+)
 
 HINT = (
     "rank r owns the n_experts // world_size consecutive experts starting at r · that; every "
@@ -32,6 +41,7 @@ def reference(indices: torch.Tensor, n_experts: int, world_size: int) -> list[in
     return ExpertParallelDispatcher.plan(stand_in, routing, recv_counts).send_splits
 
 
+@exercise
 def check_dispatch_counts(dispatch_counts: Callable, *, seed: int | None = None) -> None:
     """Check ``dispatch_counts(indices, n_experts, world_size) -> counts``.
 

@@ -13,6 +13,7 @@ from ._check import (
     call,
     close,
     diagnose,
+    exercise,
     expect_shape,
     fresh_seed,
     passed,
@@ -128,6 +129,7 @@ def check_scales(s: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, seed: int,
     )
 
 
+@exercise
 def check_act_quant(act_quant: Callable, *, seed: int | None = None) -> None:
     """Check ``act_quant(x) -> (q, s)``: E4M3 codes and 1×128 tile scales, x ≈ q · s.
 

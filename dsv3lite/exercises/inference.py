@@ -13,6 +13,7 @@ from ._check import (
     call,
     close,
     diagnose,
+    exercise,
     expect_shape,
     fresh_seed,
     passed,
@@ -33,6 +34,7 @@ STAGES = (
 )
 
 
+@exercise
 def check_decode_step(decode_step: Callable, *, seed: int | None = None) -> None:
     """Check ``decode_step(q_latent, q_pe, kv_cache, k_pe_cache, cache_seqlens, softmax_scale)``.
 

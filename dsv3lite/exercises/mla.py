@@ -15,6 +15,7 @@ from ._check import (
     call,
     close,
     diagnose,
+    exercise,
     expect_shape,
     fresh_seed,
     passed,
@@ -28,6 +29,7 @@ HINT = (
 )
 
 
+@exercise
 def check_absorbed_query(absorbed_query: Callable, *, seed: int | None = None) -> None:
     """Check ``absorbed_query(mla, q_nope) -> q_latent``.
 

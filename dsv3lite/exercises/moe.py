@@ -14,6 +14,7 @@ from ._check import (
     as_tensor,
     call,
     close,
+    exercise,
     expect_shape,
     fresh_seed,
     passed,
@@ -131,6 +132,7 @@ def _select_groups_unbiased(scores, biased, n_group, topk_group, k):
     return masked.flatten(1).topk(k, dim=-1).indices
 
 
+@exercise
 def check_group_limited_topk(group_limited_topk: Callable, *, seed: int | None = None) -> None:
     """Check ``group_limited_topk(scores, bias, n_group, topk_group, k) -> (indices, weights)``.
 

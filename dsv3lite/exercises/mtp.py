@@ -15,6 +15,7 @@ from ._check import (
     call,
     close,
     diagnose,
+    exercise,
     expect_shape,
     fresh_seed,
     passed,
@@ -27,6 +28,7 @@ HINT = (
 )
 
 
+@exercise
 def check_mtp_combine(mtp_combine: Callable, *, seed: int | None = None) -> None:
     """Check ``mtp_combine(mtp, h_prev, emb_next) -> h'``, eq. (21).
 

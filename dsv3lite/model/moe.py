@@ -159,7 +159,7 @@ def sort_pairs(routing: Routing) -> Pairs:
     """Sort the pairs by expert (on the device: no host sync)."""
     # the narrowest integer that holds an expert id: a GPU radix sort makes one pass per byte
     # of the key, so int16 ids sort in 2 passes where topk's int64 would take 8
-    n_experts, k = routing.scores.shape[1], routing.indices.shape[1]
+    n_experts, k = routing.load.numel(), routing.indices.shape[1]
     key = routing.indices.flatten().to(torch.int16 if n_experts <= 2**15 else torch.int32)
     order = key.argsort(stable=True)
     return Pairs(
