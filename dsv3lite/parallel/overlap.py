@@ -162,45 +162,61 @@ def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(s, e) for s, e in merged]
 
 
-def plot_timeline(timelines: list[list[Interval]], title: str = "", ax=None):
+def plot_timeline(timelines: list[list[Interval]], title: str = "", ax=None, legend: bool = True):
     """One row per rank: compute above (by op), communication below (by collective); returns
-    the matplotlib Figure (no pyplot: the caller's backend is left alone)."""
+    the matplotlib Figure (no pyplot: the caller's backend is left alone).
+
+    Each kind of op has its own colour of the course palette (compute in orange, green and
+    purple tones, the three collectives in grey, blue and vermilion), micro-batch 1 is outlined,
+    and each kind is one ``broken_barh`` collection per row. The legend (``legend=True``) sits
+    below the axes, under the x-label."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    from ..viz.style import DPI
+
     colors = {
-        "experts": "#7fd65a",
-        "shared": "#b6e89c",
-        "plan": "#e0e0e0",
-        "finish": "#c9a0dc",
+        "plan": "#F0E442",
+        "shared": "#E69F00",
+        "experts": "#009E73",
+        "finish": "#CC79A7",
         "layout": "#999999",
-        "dispatch": "#3a7dd8",
-        "combine": "#d84a3a",
+        "dispatch": "#0072B2",
+        "combine": "#D55E00",
     }
     if ax is None:
-        fig = Figure(figsize=(9, 0.7 * len(timelines) + 1.2), dpi=85)
+        fig = Figure(figsize=(10, 0.7 * len(timelines) + 1.6), dpi=DPI, layout="constrained")
         ax = fig.add_subplot()
     fig = ax.figure
+    names = {iv.name for intervals in timelines for iv in intervals}
+    colors.update({name: "#BBBBBB" for name in sorted(names - set(colors))})
     for r, intervals in enumerate(timelines):
-        for iv in intervals:
-            y = r - 0.4 if iv.kind == "compute" else r + 0.02
-            ax.broken_barh(
-                [(iv.start * 1e3, (iv.end - iv.start) * 1e3)],
-                (y, 0.36),
-                facecolors=colors.get(iv.name, "#cccccc"),
-                edgecolors="black" if iv.mb else "none",
-                linewidth=0.6,
-                alpha=0.9,
-            )
+        for kind in ("compute", "comm"):
+            y = r - 0.4 if kind == "compute" else r + 0.02
+            for name in colors:
+                for mb in (0, 1):
+                    spans = [
+                        (iv.start * 1e3, (iv.end - iv.start) * 1e3)
+                        for iv in intervals
+                        if iv.kind == kind and iv.name == name and iv.mb == mb
+                    ]
+                    if spans:
+                        ax.broken_barh(
+                            spans,
+                            (y, 0.36),
+                            facecolors=colors[name],
+                            edgecolors="black" if mb else "none",
+                            linewidth=0.8,
+                        )
     ax.set_yticks(range(len(timelines)), [f"rank {r}" for r in range(len(timelines))])
     ax.set_ylim(len(timelines) - 0.5, -0.5)
     ax.set_xlabel("ms (upper half of a row: compute; lower half: communication)")
-    ax.set_title(title or "two-micro-batch overlap (micro-batch 1 outlined)", fontsize=9)
-    ax.legend(
-        handles=[Patch(facecolor=c, label=n) for n, c in colors.items()],
-        ncol=7,
-        fontsize=7,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.3),
-    )
+    ax.set_title(title or "two-micro-batch overlap (micro-batch 1 outlined)", fontsize=10)
+    if legend:
+        ax.legend(
+            handles=[Patch(facecolor=c, label=n) for n, c in colors.items()],
+            ncol=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.28),
+        )
     return fig

@@ -372,12 +372,17 @@ def table2(kind: str, pp: int, F: float, B: float, W: float, FB: float | None = 
     return {"bubble": (pp / 2 - 1) * (FB + B - 3 * W), "parameters": 2, "activations": pp + 1}
 
 
-_COLORS = {"F": "#f0b23a", "B": "#7fd65a", "I": "#b6e89c", "W": "#7cbcf5"}
-_DARK = {"F": "#c4831a", "B": "#4a9e2a", "I": "#86c46a", "W": "#3f86c9"}  # the 2nd chunk
+# Figure 5's colours, from the course palette (dsv3lite.viz.style): F orange, B green, its
+# input half I a lighter green, W blue; the second chunk (reverse direction / the V's way back)
+# is the same hue, darker.
+_COLORS = {"F": "#E69F00", "B": "#009E73", "I": "#7FCEB9", "W": "#56B4E9"}
+_DARK = {"F": "#A66F00", "B": "#00664B", "I": "#3F9A82", "W": "#0072B2"}
+MAX_LABELS = 200  # more ops than this in one plot: no per-op numbers (they would be unreadable)
 
 
-def plot_schedule(sim: Simulation, ax=None, title: str | None = None):
-    """Draw a simulated schedule Figure-5 style (see ``plot_timelines``); returns the Figure."""
+def plot_schedule(sim: Simulation, ax=None, title: str | None = None, **kwargs):
+    """Draw a simulated schedule Figure-5 style (see ``plot_timelines``, which takes the same
+    keyword arguments); returns the Figure."""
     d = sim.durations
     return plot_timelines(
         sim.timelines,
@@ -386,6 +391,7 @@ def plot_schedule(sim: Simulation, ax=None, title: str | None = None):
         or f"{sim.kind}: PP={sim.pp}, {sim.micro_batches} micro-batches, bubble {sim.bubble:g}",
         xlabel="time (F = {F:g}, B = {B:g}, W = {W:g}, F&B = {FB:g})".format(**d),
         forward_share=d["F"] / (d["F"] + d["B"]),
+        **kwargs,
     )
 
 
@@ -395,54 +401,68 @@ def plot_timelines(
     title: str = "",
     xlabel: str = "time",
     forward_share: float = 1 / 3,
+    labels: bool | None = None,
+    legend: bool = True,
 ):
     """One row per rank, time to the right: F orange, B green, I light green, W blue; an F&B
-    pair is drawn as its orange and green parts (``forward_share`` of it orange) in one frame.
-    The second chunk (the reverse direction, or the V's way back) is darker. Cells wide enough
-    carry their micro-batch number. Works for simulated and measured timelines. Returns the
-    matplotlib Figure (no pyplot: the caller's backend is left alone)."""
+    pair is drawn as its forward and backward parts (``forward_share`` of it the forward) in one
+    frame. The second chunk (the reverse direction, or the V's way back) is darker. Works for
+    simulated and measured timelines. Returns the matplotlib Figure (no pyplot: the caller's
+    backend is left alone).
+
+    Drawn as one ``PatchCollection`` per op kind and chunk, plus one for the frames, so a plot
+    of thousands of ops is a dozen artists and redraws in a fraction of a second (one Rectangle
+    artist per op made a widget take many seconds). The micro-batch number is written in each
+    cell wide enough for it when ``labels`` is True; by default (None) only when the plot has at
+    most ``MAX_LABELS`` ops. The legend (``legend=True``) sits to the right of the axes."""
+    from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
+    from ..viz.style import DPI
+
     if ax is None:
-        fig = Figure(figsize=(10, 0.32 * len(timelines) + 1.0), dpi=85)
+        fig = Figure(figsize=(11, 0.3 * len(timelines) + 1.2), dpi=DPI, layout="constrained")
         ax = fig.add_subplot()
     end_time = max(t[-1][2] for t in timelines)
-    px_per_time = ax.bbox.width / end_time
+    cells: dict[tuple[str, int], list] = {}  # (kind, chunk) -> rectangles
+    frames, texts = [], []
     for r, timeline in enumerate(timelines):
         for op, start, end in timeline:
             if op.kind == "FB":
                 cut = start + (end - start) * forward_share
-                cells = [(op.parts()[0], start, cut), (op.parts()[1], cut, end)]
+                parts = [(op.parts()[0], start, cut), (op.parts()[1], cut, end)]
             else:
-                cells = [(op, start, end)]
-            for part, s, e in cells:
-                ax.add_patch(
-                    Rectangle(
-                        (s, r - 0.42),
-                        e - s,
-                        0.84,
-                        facecolor=(_DARK if part.chunk else _COLORS)[part.kind],
-                        edgecolor="none",
-                    )
+                parts = [(op, start, end)]
+            for part, s, e in parts:
+                cells.setdefault((part.kind, part.chunk), []).append(
+                    Rectangle((s, r - 0.42), e - s, 0.84)
                 )
-                if (e - s) * px_per_time >= 9:
-                    ax.text(
-                        (s + e) / 2,
-                        r,
-                        str(part.mb),
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        clip_on=True,
-                    )
-            ax.add_patch(Rectangle((start, r - 0.42), end - start, 0.84, fill=False, linewidth=0.4))
+                texts.append((part.mb, s, e, r))
+            frames.append(Rectangle((start, r - 0.42), end - start, 0.84))
+    for (kind, chunk), rects in sorted(cells.items()):
+        coll = PatchCollection(
+            rects, facecolor=(_DARK if chunk else _COLORS)[kind], edgecolor="none"
+        )
+        coll.set_gid(f"ops:{kind}{chunk}")
+        ax.add_collection(coll)
+    coll = PatchCollection(frames, facecolor="none", edgecolor="#333333", linewidth=0.4)
+    coll.set_gid("ops:frame")
+    ax.add_collection(coll)
+    if labels or (labels is None and len(texts) <= MAX_LABELS):
+        points_per_time = ax.bbox.width / end_time * 72 / ax.figure.dpi
+        for mb, s, e, r in texts:  # a 9 pt digit is about 5.5 pt wide
+            if (e - s) * points_per_time >= 5.5 * len(str(mb)) + 2:
+                ax.text((s + e) / 2, r, str(mb), ha="center", va="center", fontsize=9)
     ax.set_xlim(0, end_time)
     ax.set_ylim(len(timelines) - 0.5, -0.5)
     ax.set_yticks(range(len(timelines)), [f"rank {r}" for r in range(len(timelines))])
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=9)
-    handles = [Patch(facecolor=c, label=k) for k, c in _COLORS.items()]
-    handles += [Patch(facecolor=c, label=f"{k}, 2nd chunk") for k, c in _DARK.items()]
-    ax.legend(handles=handles, ncol=8, fontsize=7, loc="upper right", bbox_to_anchor=(1, -0.25))
+    ax.set_title(title, fontsize=10)
+    if legend:
+        kinds = sorted({kind for kind, _ in cells}, key="FBIW".index)
+        handles = [Patch(facecolor=_COLORS[k], label=k) for k in kinds]
+        if any(chunk for _, chunk in cells):
+            handles += [Patch(facecolor=_DARK[k], label=f"{k}, 2nd chunk") for k in kinds]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return ax.figure
