@@ -214,3 +214,53 @@ def check_group_limited_topk(group_limited_topk: Callable, *, seed: int | None =
         "group-limited top-k chooses the experts DeepSeek-V3's gate chooses, with its weights, "
         f"in all {len(CASES)} cases"
     )
+
+
+MAXVIO_HINT = (
+    "MaxVio = (the largest load) / (the mean load) − 1; convert the counts to float first "
+    "(load.float()), since the mean of an integer tensor is not defined"
+)
+
+
+@exercise
+def check_max_violation(max_violation: Callable, *, seed: int | None = None) -> None:
+    """Check ``max_violation(load) -> float``: MaxVio of one MoE layer's per-expert token
+    counts ``load`` [E] (an int64 tensor), max_i load_i / mean(load) − 1 — 0 for a perfectly
+    balanced layer, E/K − 1 when every token picks the same K experts. Checked against
+    ``dsv3lite.train.max_violation`` on balanced, skewed and collapsed loads. Raises
+    ExerciseError saying what is wrong; prints a line when right."""
+    from ..train import max_violation as reference_maxvio
+
+    seed = fresh_seed(seed)
+    with seeded(seed):
+        skewed = torch.randint(0, 200, (16,))
+    collapsed = torch.zeros(16, dtype=torch.long)
+    collapsed[:4] = 512
+    cases = (
+        ("balanced", torch.full((16,), 128, dtype=torch.long)),
+        ("skewed", skewed),
+        ("collapsed onto 4 of 16", collapsed),
+    )
+    for name, load in cases:
+        got = call(max_violation, (load.clone(),), seed, MAXVIO_HINT)
+        value = float(as_tensor(got, "MaxVio", seed).float().reshape(-1)[0])
+        ref = reference_maxvio(load)
+        if abs(value - ref) <= 1e-5 * max(1.0, abs(ref)):
+            continue
+        f = load.float()
+        known = {
+            "you returned max / mean without the − 1: a balanced layer must give 0": (
+                f.max() / f.mean()
+            ),
+            "you divided by the total load, not the mean": f.max() / f.sum() - 1,
+            "you measured (max − min) / mean; MaxVio compares the busiest expert with the mean "
+            "only": (f.max() - f.min()) / f.mean(),
+            "you divided by the least loaded expert, not the mean": f.max() / f.min() - 1,
+        }
+        message = next((m for m, v in known.items() if abs(value - float(v)) < 1e-5), None)
+        raise ExerciseError(
+            (message or f"MaxVio {value:.4f}, expected {ref:.4f}") + f" (case: {name} load)",
+            hint=MAXVIO_HINT,
+            seed=seed,
+        )
+    passed("MaxVio matches dsv3lite.train.max_violation on balanced, skewed and collapsed loads")

@@ -107,3 +107,77 @@ def check_mtp_combine(mtp_combine: Callable, *, seed: int | None = None) -> None
         hint=HINT,
         seed=seed,
     )
+
+
+LOSS_HINT = (
+    "depth k at position i predicts t_{i+k+1}: score mtp_logits [B, T−k, V] against "
+    "labels[:, k:] (labels are already shifted by one), with a mean cross-entropy over the "
+    "B·(T−k) terms: F.cross_entropy(mtp_logits.flatten(0, 1), labels[:, k:].flatten())"
+)
+
+
+@exercise
+def check_mtp_loss(mtp_loss: Callable, *, seed: int | None = None) -> None:
+    """Check ``mtp_loss(mtp_logits, labels, k) -> L^k_MTP``, eq. (24) as the model computes it.
+
+    ``labels`` [B, T] are the next-token targets y_i = t_{i+1} of inputs t_{1:T} (the trainer's
+    batches); ``mtp_logits`` [B, T−k, V] are depth k's predictions at positions 1 … T−k, each
+    for t_{i+k+1}. The answer is the mean cross-entropy over those B·(T−k) terms (the model's
+    normalisation; eq. 24 writes 1/T). Checked for k = 1 and k = 2 against the loss
+    ``DeepSeekV3`` returns for training. Raises ExerciseError saying what is wrong; prints a
+    line when right."""
+    from ..model.losses import cross_entropy
+
+    seed = fresh_seed(seed)
+    B, T, V = 2, 12, 50
+    for k in (1, 2):
+        with seeded(seed + k):
+            logits = 2.0 * torch.randn(B, T - k, V)
+            labels = torch.randint(0, V, (B, T))
+        ref = cross_entropy(logits, labels[:, k:])
+        got = call(mtp_loss, (logits.clone(), labels.clone(), k), seed, LOSS_HINT)
+        got = as_tensor(got, "the loss", seed).float()
+        if got.numel() != 1:
+            raise ExerciseError(
+                f"the loss has shape {list(got.shape)}; expected one number (k = {k})",
+                hint="average the per-position terms: .mean()",
+                seed=seed,
+            )
+        got = got.reshape(())
+        if close(got, ref, 1e-5):
+            continue
+        terms = -logits.log_softmax(-1).gather(-1, labels[:, k:, None]).squeeze(-1)
+        mistakes = [
+            (
+                cross_entropy(logits, labels[:, : T - k]),
+                f"you scored depth {k} against labels[:, :T-k], the main head's targets: "
+                "depth k at position i predicts t_{i+k+1}, which is labels[:, k:]",
+                LOSS_HINT,
+            ),
+            (
+                terms.sum() / (B * T),
+                "you divided by T, as eq. (24) is typeset; the model averages over the T−k "
+                "positions it scores (the factor (T−k)/T is absorbed by λ)",
+                "use .mean() over the B·(T−k) terms",
+            ),
+            (terms.sum(), "you summed the terms; L^k_MTP is their mean", "use .mean()"),
+            (
+                -logits.gather(-1, labels[:, k:, None]).mean(),
+                "you averaged the raw logits of the targets; the loss is −log softmax",
+                LOSS_HINT,
+            ),
+        ]
+        if k > 1:
+            mistakes.append(
+                (
+                    cross_entropy(logits, labels[:, k - 1 : T - 1]),
+                    "off by one: labels[:, k-1:-1] are t_{i+k}, the tokens module k is "
+                    "given; it predicts the one after, labels[:, k:]",
+                    LOSS_HINT,
+                )
+            )
+        diagnose(got, mistakes, 1e-5, seed)
+        raise ExerciseError(
+            f"L^{k}_MTP = {float(got):.4f}, expected {float(ref):.4f}", hint=LOSS_HINT, seed=seed
+        )
+    passed("L^k_MTP matches the model's loss for depths k = 1 and k = 2 (eq. 24)")
