@@ -410,14 +410,15 @@ def plot_timelines(
     simulated and measured timelines. Returns the matplotlib Figure (no pyplot: the caller's
     backend is left alone).
 
-    Drawn as one ``PatchCollection`` per op kind and chunk, plus one for the frames, so a plot
+    Drawn as one ``PolyCollection`` per op kind and chunk, plus one for the frames, so a plot
     of thousands of ops is a dozen artists and redraws in a fraction of a second (one Rectangle
     artist per op made a widget take many seconds). The micro-batch number is written in each
     cell wide enough for it when ``labels`` is True; by default (None) only when the plot has at
     most ``MAX_LABELS`` ops. The legend (``legend=True``) sits to the right of the axes."""
-    from matplotlib.collections import PatchCollection
+    import numpy as np
+    from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Patch
 
     from ..viz.style import DPI
 
@@ -425,7 +426,7 @@ def plot_timelines(
         fig = Figure(figsize=(11, 0.3 * len(timelines) + 1.2), dpi=DPI, layout="constrained")
         ax = fig.add_subplot()
     end_time = max(t[-1][2] for t in timelines)
-    cells: dict[tuple[str, int], list] = {}  # (kind, chunk) -> rectangles
+    cells: dict[tuple[str, int], list] = {}  # (kind, chunk) -> (start, end, row) of its bars
     frames, texts = [], []
     for r, timeline in enumerate(timelines):
         for op, start, end in timeline:
@@ -435,18 +436,23 @@ def plot_timelines(
             else:
                 parts = [(op, start, end)]
             for part, s, e in parts:
-                cells.setdefault((part.kind, part.chunk), []).append(
-                    Rectangle((s, r - 0.42), e - s, 0.84)
-                )
+                cells.setdefault((part.kind, part.chunk), []).append((s, e, r))
                 texts.append((part.mb, s, e, r))
-            frames.append(Rectangle((start, r - 0.42), end - start, 0.84))
-    for (kind, chunk), rects in sorted(cells.items()):
-        coll = PatchCollection(
-            rects, facecolor=(_DARK if chunk else _COLORS)[kind], edgecolor="none"
+            frames.append((start, end, r))
+
+    def boxes(spans: list[tuple[float, float, int]]):
+        """(start, end, row) -> the corners of each bar, one array for a whole collection."""
+        s, e, r = np.asarray(spans, dtype=float).T
+        lo, hi = r - 0.42, r + 0.42
+        return np.stack([np.stack(c, axis=1) for c in ((s, lo), (s, hi), (e, hi), (e, lo))], 1)
+
+    for (kind, chunk), spans in sorted(cells.items()):
+        coll = PolyCollection(
+            boxes(spans), facecolor=(_DARK if chunk else _COLORS)[kind], edgecolor="none"
         )
         coll.set_gid(f"ops:{kind}{chunk}")
         ax.add_collection(coll)
-    coll = PatchCollection(frames, facecolor="none", edgecolor="#333333", linewidth=0.4)
+    coll = PolyCollection(boxes(frames), facecolor="none", edgecolor="#333333", linewidth=0.4)
     coll.set_gid("ops:frame")
     ax.add_collection(coll)
     if labels or (labels is None and len(texts) <= MAX_LABELS):
