@@ -25,8 +25,11 @@ COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0
 
 
 def style() -> None:
-    """Apply the course's matplotlib settings. Call it after matplotlib's inline backend has
-    loaded (after the first ``import matplotlib.pyplot``): the backend sets its own dpi then."""
+    """Apply the course's matplotlib settings. Importing pyplot first lets Jupyter's inline
+    backend load (and set its own dpi) before these settings, and registers the display of a
+    returned Figure as a picture."""
+    import matplotlib.pyplot  # noqa: F401 - for its side effect: the backend loads
+
     mpl.rcParams.update(RC)
     mpl.rcParams["axes.prop_cycle"] = mpl.cycler(color=COLORS)
 
