@@ -154,3 +154,74 @@ def _attention(q_latent, q_pe, kv, k_pe, seqlens, scale):
 def _softmax_over_heads(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 (heads) of masked scores, masked entries kept at 0."""
     return scores.masked_fill(scores.isinf(), -1e30).softmax(1).masked_fill(scores.isinf(), 0.0)
+
+
+VERIFY_HINT = (
+    "row 0 of main_logits is the main model's distribution for the draft's slot: accept when "
+    "its argmax is the draft, and then row 1 (computed after the draft) gives one more token; "
+    "on a rejection only row 0's argmax is kept"
+)
+V = 50
+
+
+def _verify_answer(got, seed: int) -> list[int]:
+    """The learner's answer as a list of ints (a list, tuple or 1-d tensor)."""
+    if isinstance(got, torch.Tensor):
+        got = got.flatten().tolist()
+    if not isinstance(got, list | tuple) or not all(isinstance(t, int) for t in got):
+        raise ExerciseError(
+            f"greedy_verify should return a list of token ids (ints), got {got!r}",
+            hint="return [token] or [token, token] with int(...) of each argmax",
+            seed=seed,
+        )
+    return [int(t) for t in got]
+
+
+@exercise
+def check_greedy_verify(greedy_verify: Callable, *, seed: int | None = None) -> None:
+    """Check ``greedy_verify(main_logits, draft) -> list of new tokens`` (notebook 10).
+
+    ``main_logits`` [2, V] are the main model's logits from one forward over [t_{i+1}, draft]:
+    row 0 predicts the draft's slot, row 1 the slot after it. Greedy verification accepts the
+    draft when row 0's argmax equals it and returns ``[draft, argmax(row 1)]`` (two tokens for
+    one forward); otherwise it returns ``[argmax(row 0)]`` — row 1 was computed after a wrong
+    token and is thrown away. Checked on a draft that is rejected and one that is accepted,
+    against ``dsv3lite.speculative_generate``'s rule. Raises ExerciseError saying what is wrong;
+    prints a line when right.
+    """
+    seed = fresh_seed(seed)
+    with seeded(seed):
+        logits = torch.randn(2, 2, V)
+    for case, rows in zip(("rejected", "accepted"), logits):
+        first, second = int(rows[0].argmax()), int(rows[1].argmax())
+        if case == "accepted":  # checked second: verifying with row 1 shows on a rejection
+            draft, expected = first, [first, second]
+        else:  # a draft row 1 happens to favour: verifying with the wrong row accepts it
+            draft = (first + 1 + seed % (V - 1)) % V
+            rows[1, draft] = rows[1].max() + 1.0
+            expected = [first]
+        got = call(greedy_verify, (rows.clone(), draft), seed, VERIFY_HINT)
+        got = _verify_answer(got, seed)
+        if got == expected:
+            continue
+        where = " (a draft the main model " + ("agrees with)" if case == "accepted" else "rejects)")
+        if case == "accepted":
+            mistakes = {
+                (draft,): "an accepted draft also earns the token after it: row 1 of "
+                "main_logits was computed with the draft in place, so its argmax is a second "
+                "new token",
+            }
+        else:
+            mistakes = {
+                (draft, draft): "you compared the draft with row 1; row 0 is the main model's "
+                "prediction for the draft's slot",
+                (first, draft): "a rejected draft's forward is half wasted: row 1 was computed "
+                "after the wrong token, so only row 0's argmax is kept",
+                (draft,): "you kept a draft the main model rejected: its own argmax replaces it",
+            }
+        message = mistakes.get(tuple(got), f"expected {expected}, got {got}")
+        raise ExerciseError(message + where, hint=VERIFY_HINT, seed=seed)
+    passed(
+        "an accepted draft gives two tokens (the draft and row 1's argmax), a rejected one "
+        "gives row 0's argmax alone — speculative_generate's greedy rule"
+    )
