@@ -64,6 +64,7 @@ def _subplots(figsize, dpi):
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # the course style already lays figures out
+        fig.tight_layout()
     fig.savefig(path)
     return path
