@@ -470,16 +470,17 @@ def groupings_figure():
     titles = [f"1x{block}: x, dy", f"{block}x1: x and dy for Wgrad", f"{block}x{block}: weights"]
     for ax, title, (h, w) in zip(axes, titles, [(1, block), (block, 1), (block, block)]):
         cells = [(r, c) for r in range(0, 2 * block, h) for c in range(0, 2 * block, w)]
-        for i, (r, c) in enumerate(cells):
-            if (h == 1 and r % 16) or (w == 1 and c % 16):
-                continue
-            ax.add_patch(Rectangle((c, r), w, h, color=COLORS[i % len(COLORS)], alpha=0.6, lw=0))
+        drawn = [(r, c) for r, c in cells if not ((h == 1 and r % 16) or (w == 1 and c % 16))]
+        for i, (r, c) in enumerate(drawn):  # neighbouring groups in different colours
+            hd, wd = max(h, 6), max(w, 6)  # a 1-wide group drawn 6 wide, or it is invisible
+            color = COLORS[(i + r // block) % len(COLORS)]  # the two token groups differ
+            ax.add_patch(Rectangle((c, r), wd, hd, color=color, alpha=0.7, lw=0))
         ax.set(xlim=(0, 2 * block), ylim=(2 * block, 0), title=title, xlabel="channels")
         ax.set_xticks([0, block, 2 * block])
         ax.set_yticks([0, block, 2 * block])
         ax.grid(True, color="0.5", lw=0.5)
     axes[0].set_ylabel("tokens")
-    fig.suptitle("one scale per coloured group (thin groups: every 16th drawn)")
+    fig.suptitle("one scale per coloured group (thin groups: every 16th drawn, thickened)")
     return fig
 
 
