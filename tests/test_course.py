@@ -36,6 +36,7 @@ DIAGRAMS = {
     "04_fp8_numerics": ["fp8_flow_figure", "fp8_tiles_figure"],
     "06_expert_parallel": ["overlap_figure"],
     "07_dualpipe": ["dualpipe_figure"],
+    "10_speculation": ["speculation_figure"],
 }
 
 UNIT = (

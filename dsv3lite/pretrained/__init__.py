@@ -9,9 +9,9 @@ release's safetensors layout, tokenizer.json): the checkpoint of step 750 of
     python -m dsv3lite.pretrained runs/tiny-docs/last    # once step 750's checkpoint is written
 
 Why step 750 of a longer run: the corpus is small, and the validation loss is lowest around
-steps 500–700 (still at the high learning rate of the cosine schedule's first third); later
-steps memorise the training text. ``metrics.json`` beside it records the last evaluation.
-and loads with ``load_tiny()``. ``metrics.json`` beside it records its final losses.
+steps 500–600 (still at the high learning rate of the cosine schedule's first third); later
+steps memorise the training text. ``metrics.json`` beside it records the run's last
+evaluation before the checkpoint (step 700: the run evaluates every 100 steps).
 """
 
 from __future__ import annotations
