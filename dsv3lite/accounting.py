@@ -143,3 +143,53 @@ def parameter_table(c: ModelConfig) -> str:
         f"{'MTP (apart)':<16}{format_count(pc.mtp_total):>12}{format_count(pc.mtp_activated):>12}"
     )
     return "\n".join(rows)
+
+
+def absorbed_decode_cost(
+    kv_lora_rank: int,
+    rope_dim: int,
+    heads: int,
+    context: int,
+    batch: int = 1,
+    tokens: int = 1,
+    bytes_per_value: int = 2,
+) -> tuple[int, int]:
+    """(bytes read, FLOPs) of one layer's absorbed MLA decode step over ``context`` cached
+    tokens. The cache — latent c^KV (d_c values) and RoPE key k^R (d_h^R values) per token — is
+    read once for all heads (and all ``tokens`` query positions, T = 2 when verifying an MTP
+    draft); each head and query position does, per cached token, 2·(d_c + d_h^R) FLOPs for its
+    score and 2·d_c for the latent average. Their ratio, the arithmetic intensity, grows with
+    heads × tokens and does not depend on batch or context: 16 heads sit far below a GPU's
+    ridge (memory-bound), 128 near it."""
+    nbytes = batch * context * (kv_lora_rank + rope_dim) * bytes_per_value
+    flops = 2 * batch * context * heads * tokens * (2 * kv_lora_rank + rope_dim)
+    return nbytes, flops
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A machine's two ceilings, FLOP/s and bytes/s. A kernel of arithmetic intensity I
+    FLOP/byte attains at most min(flops, I · bytes_per_s); the ridge flops / bytes_per_s
+    separates the memory-bound side (below it) from the compute-bound one."""
+
+    flops: float
+    bytes_per_s: float
+    name: str = "GPU"
+
+    @property
+    def ridge(self) -> float:
+        return self.flops / self.bytes_per_s
+
+    def attainable(self, intensity: float) -> float:
+        return min(self.flops, intensity * self.bytes_per_s)
+
+    def seconds(self, nbytes: float, flops: float) -> float:
+        """The roofline's lower bound on a kernel's time: max(bytes / bandwidth, FLOPs / rate)."""
+        return max(nbytes / self.bytes_per_s, flops / self.flops)
+
+    @classmethod
+    def from_results(cls, results: dict) -> Roofline:
+        """The ceilings a recorded benchmark run measured (``dsv3lite.results.load(...)``): its
+        best bf16 GEMM and its device-to-device copy, on that machine."""
+        ceil = results["ceilings"]
+        return cls(ceil["gemm_tflops"] * 1e12, ceil["copy_gbs"] * 1e9, results["env"]["device"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..accounting import absorbed_decode_cost
 from .harness import Results, Row, measure_ceilings
 from .kernel_rows import Work, kernels_runnable, skipped, timed
 
@@ -65,10 +66,8 @@ def _rows(
         q[:n].float(), q_pe[:n].float(), kv[:n].float(), k_pe[:n].float(), seqlens[:n], scale
     )
     shape = f"H{h} B{b} L{length}"
-    work = Work(
-        bytes_read=b * length * (LATENT + ROPE) * kv.element_size(),
-        flops=2 * b * length * h * (LATENT + ROPE + LATENT),
-    )
+    nbytes, flops = absorbed_decode_cost(LATENT, ROPE, h, length, b, 1, kv.element_size())
+    work = Work(bytes_read=nbytes, flops=flops)
     first_n = lambda out: out[:n]  # noqa: E731
     rows = [
         timed(shape, "eager torch", eager, first_n, ref, work, ceilings, quick,
