@@ -15,11 +15,11 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
+from ..accounting import Roofline, absorbed_decode_cost
 from .style import COLORS, legend_outside
 
 MAIN, MTP, ACCEPT, REJECT, CONTEXT = COLORS[0], COLORS[1], COLORS[2], COLORS[3], "#DDDDDD"
-CACHE_VALUES = 576  # d_c + d_R = 512 + 64 values a cached token holds in the release
-FLOPS_PER_VALUE = 1088  # 2 · 576 + 2 · 512 / 2: a score and an output per head and cached token
+LATENT, ROPE = 512, 64  # d_c and d_h^R of the release: what a cached token holds
 
 
 def _box(ax, x, y, w, h, text, color, *, dashed=False, fill=0.18, size=10) -> None:
@@ -131,9 +131,10 @@ def roofline(ax, copy_gbs: float, gemm_tflops: float) -> None:
 
 
 def intensity(heads: int, tokens: int = 1) -> float:
-    """FLOP per byte of one absorbed decode step: 2·H·T·1088 FLOPs per 1,152-byte cached
-    token (bf16), independent of batch and context."""
-    return 2 * heads * tokens * FLOPS_PER_VALUE / (2 * CACHE_VALUES)
+    """FLOP per byte of one absorbed decode step at the release's widths (bf16), independent of
+    batch and context (``dsv3lite.accounting.absorbed_decode_cost``)."""
+    nbytes, flops = absorbed_decode_cost(LATENT, ROPE, heads, 1, 1, tokens)
+    return flops / nbytes
 
 
 def parse_shape(shape: str) -> dict[str, int]:
@@ -186,12 +187,11 @@ def step_costs(heads: int, tokens: int, context: int, batch: int, copy_gbs: floa
                gemm_tflops: float) -> dict:  # fmt: skip
     """Bytes, FLOPs and the roofline's lower bound on the time of one layer's absorbed decode
     step: max(bytes / copy rate, FLOPs / GEMM rate), and which of the two binds."""
-    nbytes = batch * context * CACHE_VALUES * 2
-    flops = 2 * batch * context * heads * tokens * FLOPS_PER_VALUE
-    t_mem, t_flop = nbytes / (copy_gbs * 1e9), flops / (gemm_tflops * 1e12)
-    bound = "memory-bound" if t_mem >= t_flop else "compute-bound"
+    nbytes, flops = absorbed_decode_cost(LATENT, ROPE, heads, context, batch, tokens)
+    roof = Roofline(gemm_tflops * 1e12, copy_gbs * 1e9)
+    bound = "memory-bound" if flops / nbytes < roof.ridge else "compute-bound"
     return dict(nbytes=nbytes, flops=flops, intensity=flops / nbytes,
-                seconds=max(t_mem, t_flop), bound=bound)  # fmt: skip
+                seconds=roof.seconds(nbytes, flops), bound=bound)  # fmt: skip
 
 
 def explore_figure(heads, tokens, context, batch, copy_gbs, gemm_tflops) -> tuple[Figure, str]:
