@@ -60,3 +60,19 @@ def test_mtp_figure_shows_the_config_and_depth():
     assert "MTP module 3" in three and "$t_{i+4}$" in three  # the last module predicts t_{i+4}
     with pytest.raises(ValueError, match="depth"):
         mtp_figure(depth=0)
+
+
+def test_a_box_is_centred_on_its_position():
+    from matplotlib.colors import to_hex
+
+    from dsv3lite.viz.diagram import BLUE, box, canvas, tint
+
+    fig, ax = canvas(4, 3, (0, 4), (0, 3))
+    patch = box(ax, 2.0, 1.5, 1.0, 0.6, "x", 0.15, edge=BLUE, size=7, dashed=True)
+    bb = patch.get_bbox()  # the box before its rounding pad
+    assert (bb.x0 + bb.x1) / 2 == pytest.approx(2.0) and (bb.y0 + bb.y1) / 2 == pytest.approx(1.5)
+    assert (bb.width, bb.height) == pytest.approx((1.0, 0.6))
+    assert to_hex(patch.get_facecolor()) == to_hex(tint(BLUE, 0.15)), "a number tints the edge"
+    assert patch.get_linestyle() == "--"
+    assert ax.texts[0].get_fontsize() == 9, "never under 9 pt"
+    assert tint("#000000", 0.0) == (1.0, 1.0, 1.0) and tint("#000000", 1.0) == (0.0, 0.0, 0.0)

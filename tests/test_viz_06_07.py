@@ -15,7 +15,8 @@ from matplotlib.text import Text  # noqa: E402
 from dsv3lite.parallel.overlap import Interval, plot_timeline  # noqa: E402
 from dsv3lite.parallel.schedules import plot_schedule, schedule, simulate  # noqa: E402
 from dsv3lite.viz import dualpipe_figure, overlap_figure  # noqa: E402
-from dsv3lite.viz.parallel import explore_schedules, explorer, sm_figure  # noqa: E402
+from dsv3lite.viz.parallel import explore_schedules, sm_figure  # noqa: E402
+from dsv3lite.viz.widgets import explorer  # noqa: E402
 
 
 def _texts(fig: Figure) -> list[Text]:
@@ -94,9 +95,14 @@ def test_overlap_timeline_colours_are_distinct():
     _legible(fig)
 
 
-def test_explorer_redraws_on_release_only():
+def test_explorer_redraws_on_release_only(capsys):
     widgets = pytest.importorskip("ipywidgets")
-    slider = widgets.FloatSlider(value=1.0, min=0.5, max=2.0)
-    box = explorer(lambda ratio: Figure(), {"ratio": slider})
+    slider = widgets.FloatSlider(value=1.0, min=0.5, max=2.0, description="ratio")
+    drawn = []
+    explorer(lambda ratio: drawn.append(ratio) or Figure(), {"ratio": slider})
     assert slider.continuous_update is False
-    assert isinstance(box, widgets.VBox)
+    assert drawn == [1.0], "the static figure is drawn once when the cell runs"
+    slider.value = 1.5
+    assert drawn == [1.0, 1.5], "one redraw per released value"
+    shown = capsys.readouterr().out
+    assert "ratio = 1.0" in shown and "FloatSlider(" not in shown, "a sentence, not a raw repr"

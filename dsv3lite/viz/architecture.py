@@ -1,5 +1,5 @@
-"""DeepSeek-V3's architecture drawn for the course (notebook 00), and the box-and-arrow helpers
-every diagram of ``dsv3lite.viz`` draws with.
+"""DeepSeek-V3's architecture drawn for the course (notebook 00), with the primitives of
+``dsv3lite.viz.diagram`` (boxes centred on their position, arrows, the residual's "+").
 
 The picture has three levels, left to right: the whole model (embedding, L Transformer blocks,
 final norm, output head, and the MTP module beside it), one block (two pre-norm residual
@@ -12,97 +12,10 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ..config import ModelConfig, preset
+from .diagram import FILL, FONT, arrow, box, canvas, path, plus
 from .style import COLORS, DPI
-
-FONT = 10  # pt; the smallest text on any diagram is 9 pt
-FILL = {
-    "attention": "#CFE3F2",  # light blue (COLORS[0])
-    "moe": "#FBE3B8",  # light orange (COLORS[1])
-    "norm": "#E2E2E2",
-    "io": "#FFFFFF",
-    "cache": "#F6C9A8",  # light vermilion (COLORS[3]): what is kept between decode steps
-    "shared": "#C9EBDD",  # light green (COLORS[2])
-}
-
-
-def box(
-    ax,
-    x: float,
-    y: float,
-    w: float,
-    h: float,
-    text: str,
-    fill: str = "#FFFFFF",
-    *,
-    edge: str = "#333333",
-    size: float = FONT,
-    lw: float = 1.2,
-    ls: str = "-",
-    **kw,
-):
-    """A rounded box centred on (x, y), w × h in data units, with centred text. Diagrams are
-    drawn in data coordinates of an axes with equal aspect and no axis, so positions read as a
-    grid and the picture scales with the figure."""
-    patch = FancyBboxPatch(
-        (x - w / 2, y - h / 2),
-        w,
-        h,
-        boxstyle="round,pad=0.02,rounding_size=0.12",
-        facecolor=fill,
-        edgecolor=edge,
-        linewidth=lw,
-        linestyle=ls,
-    )
-    ax.add_patch(patch)
-    if text:
-        ax.text(x, y, text, ha="center", va="center", fontsize=size, **kw)
-    return patch
-
-
-def arrow(
-    ax,
-    start: tuple[float, float],
-    end: tuple[float, float],
-    text: str = "",
-    *,
-    color: str = "#333333",
-    ls: str = "-",
-    size: float = 9.5,
-    offset: tuple = (0.12, 0),
-    rad: float = 0.0,
-    ha: str = "left",
-):
-    """An arrow from ``start`` to ``end`` with an optional label beside its middle (the weight
-    matrix it applies, in the report's notation)."""
-    ax.add_patch(
-        FancyArrowPatch(
-            start,
-            end,
-            arrowstyle="-|>",
-            mutation_scale=12,
-            color=color,
-            linewidth=1.2,
-            linestyle=ls,
-            shrinkA=2,
-            shrinkB=2,
-            connectionstyle=f"arc3,rad={rad}",
-        )
-    )
-    if text:
-        mx, my = (start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1]
-        ax.text(mx, my, text, ha=ha, va="center", fontsize=size, color=color)
-
-
-def canvas(width: float, height: float, xlim: tuple, ylim: tuple):
-    """A figure with one frameless axes whose data units are equal in x and y."""
-    fig = plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set(xlim=xlim, ylim=ylim, aspect="equal")
-    ax.axis("off")
-    return fig, ax
 
 
 def architecture_figure(config: ModelConfig | None = None, *, show_mtp: bool = True) -> Figure:
@@ -170,17 +83,7 @@ def architecture_figure(config: ModelConfig | None = None, *, show_mtp: bool = T
     add2 = (x1, 9.7)
     box(ax, x1, 11.0, 3.0, 0.8, r"$h^{\ell}_t$", FILL["io"])
     for y in (add1[1], add2[1]):
-        ax.add_patch(
-            FancyBboxPatch(
-                (x1 - 0.28, y - 0.28),
-                0.56,
-                0.56,
-                boxstyle="circle,pad=0",
-                facecolor="white",
-                edgecolor="#333",
-            )
-        )
-        ax.text(x1, y, "+", ha="center", va="center", fontsize=12)
+        plus(ax, x1, y)
     for y0, y1 in [
         (1.2, 1.9),
         (2.7, 3.15),
@@ -193,8 +96,7 @@ def architecture_figure(config: ModelConfig | None = None, *, show_mtp: bool = T
         arrow(ax, (x1, y0), (x1, y1))
     # residual paths around each sub-layer
     for y_from, add in [(1.55, add1), (5.95, add2)]:
-        ax.plot([x1, x1 - 2.1, x1 - 2.1], [y_from, y_from, add[1]], color="#333", lw=1.2)
-        arrow(ax, (x1 - 2.1, add[1]), (add[0] - 0.3, add[1]))
+        path(ax, [(x1, y_from), (x1 - 2.1, y_from), (x1 - 2.1, add[1]), (add[0] - 0.3, add[1])])
     ax.text(
         x1 - 2.25,
         3.5,
@@ -212,16 +114,7 @@ def architecture_figure(config: ModelConfig | None = None, *, show_mtp: bool = T
 
     # ---- level 3: DeepSeekMoE
     x2 = 18.2
-    frame = FancyBboxPatch(
-        (13.6, 0.3),
-        9.6,
-        11.0,
-        boxstyle="round,pad=0,rounding_size=0.3",
-        facecolor="#FFF8EC",
-        edgecolor=COLORS[1],
-        linewidth=1.4,
-    )
-    ax.add_patch(frame)
+    box(ax, 18.4, 5.8, 9.6, 11.0, fill="#FFF8EC", edge=COLORS[1], lw=1.4)  # the MoE's frame
     ax.plot([x1 + 1.5, 13.6], [8.2, 11.3], color="#AAAAAA", lw=0.9, ls="--")
     ax.plot([x1 + 1.5, 13.6], [8.2, 0.3], color="#AAAAAA", lw=0.9, ls="--")
     ax.text(x2 + 0.2, 11.7, "DeepSeekMoE", ha="center", fontsize=12, weight="bold")

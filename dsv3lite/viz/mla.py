@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 
 from ..accounting import kv_cache_bytes
 from ..config import ModelConfig, preset
-from .architecture import FILL, arrow, box, canvas
+from .diagram import FILL, arrow, box, canvas
 from .style import COLORS, DPI, legend_outside
+from .widgets import explorer
 
 
 def cache_numbers(config: ModelConfig) -> tuple[int, int]:
@@ -89,7 +90,7 @@ def mla_figure(config: ModelConfig | None = None, bytes_per_value: int = 2) -> F
     arrow(ax, (10.6, 3.65), (9.6, 5.45), r"$W^{UK}$", offset=(-0.2, 0), ha="right")
     arrow(ax, (11.4, 3.65), (12.8, 5.45), r"$W^{UV}$", offset=(0.2, 0))
     # the cache: a dashed frame around what is kept
-    box(ax, 14.0, 3.2, 10.6, 1.6, "", "none", edge=COLORS[3], ls="--", lw=1.2)
+    box(ax, 14.0, 3.2, 10.6, 1.6, "", "none", edge=COLORS[3], dashed=True)
     ax.text(14.0, 2.1, "KV cache: only these are kept", ha="center", fontsize=9.5, color=COLORS[3])
     # attention on top
     box(ax, 10, 8.6, 17.5, 1.3, "", "#F7F7F7")
@@ -271,31 +272,20 @@ def cost_figure(
     return fig
 
 
-def cost_explorer(roof: Roofline, layers: int = 61, rope: int = 64):
+def cost_explorer(roof: Roofline, layers: int = 61, rope: int = 64) -> None:
     """Sliders for d_c and n_h over ``cost_figure``, redrawn on release. Displays the
     controls and, under them, the figure for the defaults (the release's d_c = 512, 128
     heads): that figure is what a saved notebook keeps, where no kernel redraws it."""
     import ipywidgets as widgets
-    from IPython.display import display
 
-    rank = widgets.IntSlider(
-        value=512, min=64, max=2048, step=32, description="kv_lora_rank", continuous_update=False
-    )
-    heads = widgets.SelectionSlider(
-        options=[16, 32, 64, 128], value=128, description="heads", continuous_update=False
-    )
-    controls = widgets.HBox([rank, heads])
-    # a saved notebook on the web cannot draw the sliders: say so, instead of the raw HBox(...)
-    bundle = controls._repr_mimebundle_()
-    bundle["text/plain"] = "[sliders kv_lora_rank, heads: live when the notebook runs]"
-    display(bundle, raw=True)
-    handle = display(cost_figure(rank.value, heads.value, roof, layers, rope), display_id=True)
-
-    def redraw(_change) -> None:
-        handle.update(cost_figure(rank.value, heads.value, roof, layers, rope))
-
-    rank.observe(redraw, names="value")
-    heads.observe(redraw, names="value")
+    controls = {
+        "kv_lora_rank": widgets.IntSlider(
+            value=512, min=64, max=2048, step=32, description="kv_lora_rank"
+        ),
+        "heads": widgets.SelectionSlider(options=[16, 32, 64, 128], value=128, description="heads"),
+    }
+    explorer(lambda kv_lora_rank, heads: cost_figure(kv_lora_rank, heads, roof, layers, rope),
+             controls)  # fmt: skip
 
 
 def roofline_figure(

@@ -3,7 +3,7 @@
 ``moe_figure`` draws the layer as the report's §2.1.2 defines it, for the configuration it is
 given; the other functions draw what notebook 02 measures (a routing decision, collapse, three
 balancing rules, the bias, the γ simulation) so that the notebook's cells keep only the idea.
-``draw_box``, ``draw_arrow`` and ``show_widget`` are shared by the course's other diagrams.
+The boxes and arrows are ``dsv3lite.viz.diagram``'s, the slider is ``dsv3lite.viz.widgets``'s.
 """
 
 from __future__ import annotations
@@ -13,72 +13,12 @@ from collections.abc import Callable, Sequence
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+from matplotlib.patches import Rectangle
 
 from ..config import ModelConfig, preset
-from .style import COLORS, legend_outside
-
-BLUE, ORANGE, GREEN, RED, PINK, SKY = COLORS[:6]
-GREY = "#999999"
-MIN_PT = 9  # the smallest text of every figure
-
-
-# ----------------------------------------------------------------------- diagram primitives
-def draw_box(ax, x, y, w, h, text, color=BLUE, fill=0.15, size=10, **kw) -> FancyBboxPatch:
-    """A rounded box at (x, y) (lower left) with centred text: one block of a diagram. The fill
-    is the edge colour made light, so that the text stays black and legible."""
-    box = FancyBboxPatch(
-        (x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.12", ec=color, lw=1.6,
-        fc=_tint(color, fill), **kw,
-    )  # fmt: skip
-    ax.add_patch(box)
-    if text:
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=max(size, MIN_PT))
-    return box
-
-
-def draw_arrow(ax, start, end, color="black", style="-|>", rad=0.0, **kw) -> FancyArrowPatch:
-    """An arrow from ``start`` to ``end`` (data coordinates); ``rad`` bends it."""
-    arrow = FancyArrowPatch(
-        start, end, arrowstyle=style, mutation_scale=14, color=color, lw=1.4,
-        connectionstyle=f"arc3,rad={rad}", shrinkA=0, shrinkB=0, **kw,
-    )  # fmt: skip
-    ax.add_patch(arrow)
-    return arrow
-
-
-def draw_path(ax, points, color="black") -> None:
-    """A line through ``points`` with right angles, its last segment an arrow: a connection
-    routed around the boxes instead of across them."""
-    xs, ys = zip(*points[:-1])
-    ax.plot(xs, ys, color=color, lw=1.4, solid_capstyle="butt")
-    draw_arrow(ax, points[-2], points[-1], color=color)
-
-
-def _tint(color: str, amount: float) -> tuple[float, float, float]:
-    """``color`` mixed with white: ``amount`` of the colour, the rest white."""
-    r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
-    return tuple(1 - amount * (1 - c) for c in (r, g, b))
-
-
-def canvas(width: float, height: float, xlim: float, ylim: float):
-    """A figure of ``width`` × ``height`` inches with one frameless axes spanning data
-    coordinates [0, xlim] × [0, ylim]: the sheet a diagram is drawn on."""
-    fig, ax = plt.subplots(figsize=(width, height))
-    ax.set(xlim=(0, xlim), ylim=(0, ylim))
-    ax.set_aspect("auto")
-    ax.axis("off")
-    return fig, ax
-
-
-def show_widget(widget, fallback: str) -> None:
-    """Display a widget whose saved view, where no kernel runs (on the web), is the sentence
-    ``fallback`` instead of the widget's raw repr (``FloatLogSlider(value=0.01, ...)``)."""
-    from IPython.display import display
-
-    bundle = widget._repr_mimebundle_()
-    bundle["text/plain"] = fallback
-    display(bundle, raw=True)
+from .diagram import BLUE, GREEN, GREY, ORANGE, PINK, RED, arrow, box, canvas, path, plus, tint
+from .style import legend_outside
+from .widgets import explorer
 
 
 # ----------------------------------------------------------------------- the MoE layer
@@ -91,44 +31,45 @@ def moe_figure(config: ModelConfig | None = None) -> Figure:
     c = config or preset("tiny")
     n_r, n_g, k_g, k = c.n_routed_experts, c.n_group, c.topk_group, c.num_experts_per_tok
     per_group = n_r // n_g
-    fig, ax = canvas(13, 6.0, 17.2, 8.0)
+    fig, ax = canvas(13, 6.0, (0, 17.2), (0, 8.0), equal=False)
 
-    draw_box(ax, 0.1, 3.0, 1.3, 1.0, "token\n$u_t$", GREY)
-    draw_box(ax, 2.0, 2.35, 3.0, 2.3, "router\n"
+    box(ax, 0.75, 3.5, 1.3, 1.0, "token\n$u_t$", 0.15, edge=GREY, lw=1.6)
+    box(ax, 3.5, 3.5, 3.0, 2.3, "router\n"
              r"$s_{i,t} = \sigma(u_t^{\top} e_i)$" "\n"
              r"choose by $s_{i,t} + b_i$" "\n"
-             r"($b_i$: selection only)", PINK)  # fmt: skip
-    draw_arrow(ax, (1.4, 3.5), (2.0, 3.5))
+             r"($b_i$: selection only)", 0.15, edge=PINK, lw=1.6)  # fmt: skip
+    arrow(ax, (1.4, 3.5), (2.0, 3.5))
 
     kept, chosen = _example_choice(n_g, k_g, k, per_group)
     _draw_groups(ax, 5.6, 1.0, 5.0, 5.2, n_g, per_group, kept, chosen)
     ax.text(8.1, 6.3, f"group-limited top-$K_r$: {n_r} routed experts in n_group = {n_g}\n"
             f"groups, keep topk_group = {k_g} groups, choose $K_r$ = {k} experts",
             ha="center", va="bottom", fontsize=10)  # fmt: skip
-    draw_arrow(ax, (5.0, 3.5), (5.6, 3.5))
+    arrow(ax, (5.0, 3.5), (5.6, 3.5))
 
     shown = min(k, 4)
     for n in range(shown):
         label = "…" if k > 4 and n == shown - 1 else r"$g_{i,t}\,\mathrm{FFN}^{(r)}_i$"
-        draw_box(ax, 11.3, 1.0 + n * 3.4 / shown, 2.1, 3.4 / shown - 0.25, label, ORANGE)
+        h = 3.4 / shown - 0.25
+        box(ax, 12.35, 1.0 + n * 3.4 / shown + h / 2, 2.1, h, label, 0.15, edge=ORANGE, lw=1.6)
     scale = "" if c.routed_scaling_factor == 1 else f" × {c.routed_scaling_factor:g}"
     ax.text(12.35, 4.55, f"{k} routed experts, weights\n"
             r"$g_{i,t} = s_{i,t} / \sum_{j\ \mathrm{chosen}} s_{j,t}$" + scale,
             ha="center", va="bottom", fontsize=10)  # fmt: skip
-    draw_arrow(ax, (10.6, 2.7), (11.3, 2.7))
+    arrow(ax, (10.6, 2.7), (11.3, 2.7))
 
     n_s = c.n_shared_experts
-    draw_box(ax, 11.3, 6.7, 2.1, 1.0, f"{n_s} shared expert{'s' * (n_s != 1)}\nalways on", GREEN)
-    draw_path(ax, [(0.75, 4.0), (0.75, 7.2), (11.3, 7.2)], GREEN)
+    shared = f"{n_s} shared expert{'s' * (n_s != 1)}\nalways on"
+    box(ax, 12.35, 7.2, 2.1, 1.0, shared, 0.15, edge=GREEN, lw=1.6)
+    path(ax, [(0.75, 4.0), (0.75, 7.2), (11.3, 7.2)], GREEN)
 
-    ax.add_patch(plt.Circle((14.6, 3.5), 0.38, fc="white", ec="black", lw=1.4))
-    ax.text(14.6, 3.5, "+", ha="center", va="center", fontsize=16)
-    draw_arrow(ax, (13.4, 2.7), (14.3, 3.28))
-    draw_path(ax, [(13.4, 7.2), (14.6, 7.2), (14.6, 3.88)], GREEN)
-    draw_path(ax, [(0.75, 3.0), (0.75, 0.35), (14.6, 0.35), (14.6, 3.12)], GREY)
+    plus(ax, 14.6, 3.5, 0.38, size=16, lw=1.4)
+    arrow(ax, (13.4, 2.7), (14.3, 3.28))
+    path(ax, [(13.4, 7.2), (14.6, 7.2), (14.6, 3.88)], GREEN)
+    path(ax, [(0.75, 3.0), (0.75, 0.35), (14.6, 0.35), (14.6, 3.12)], GREY)
     ax.text(7.5, 0.45, "residual $u_t$", ha="center", va="bottom", fontsize=9, color="#555555")
-    draw_box(ax, 15.5, 3.0, 1.5, 1.0, "$h'_t$", GREY)
-    draw_arrow(ax, (14.98, 3.5), (15.5, 3.5))
+    box(ax, 16.25, 3.5, 1.5, 1.0, "$h'_t$", 0.15, edge=GREY, lw=1.6)
+    arrow(ax, (14.98, 3.5), (15.5, 3.5))
     ax.set_title("DeepSeekMoE: one token through the MoE layer", fontsize=11)
     return fig
 
@@ -154,7 +95,7 @@ def _draw_groups(ax, x0, y0, w, h, n_group, per_group, kept, chosen) -> None:
     for r in range(rows):
         y = y0 + h - (r + 1) * row_h
         keep = r in kept
-        ax.add_patch(Rectangle((x0, y + 0.08), w, row_h - 0.16, fc=_tint(BLUE, 0.12)
+        ax.add_patch(Rectangle((x0, y + 0.08), w, row_h - 0.16, fc=tint(BLUE, 0.12)
                      if keep else "#f2f2f2", ec=BLUE if keep else GREY, lw=1.8 if keep else 0.8))  # fmt: skip
         name = f"group {r}" + (" kept" if keep else "")
         ax.text(x0 + 0.1, y + row_h / 2, name, va="center", fontsize=9,
@@ -285,29 +226,24 @@ def gamma_explorer(simulate: Callable[..., list[float]], reference: list[float],
     ``reference`` and, beside it, γ/3 and 3γ over a shorter run. The figure at ``gamma`` is drawn
     when the cell runs, so the saved notebook shows it where no kernel moves the slider."""
     import ipywidgets as widgets
-    from IPython.display import display
 
-    def draw(g: float) -> Figure:
-        curve = simulate(g)
+    def draw(gamma: float) -> Figure:
+        curve = simulate(gamma)
         fig, (ax0, ax1) = plt.subplots(
             1, 2, figsize=(12, 3.2), gridspec_kw={"width_ratios": [2, 1]}
         )
         x = torch.arange(9, len(curve))
         ax0.plot(x, smooth(reference), c=RED, lw=1.3, label="γ = 0 (no balancing)")
-        ax0.plot(x, smooth(curve), c=BLUE, lw=1.3, label=f"γ = {g:.2g}")
+        ax0.plot(x, smooth(curve), c=BLUE, lw=1.3, label=f"γ = {gamma:.2g}")
         ax0.axhline(noise_floor, ls="--", c=GREY, label="fair routing (noise)")
         ax0.set(xlabel="step", ylabel="MaxVio (running mean of 10)",
-                title=f"γ = {g:.2g}: mean MaxVio, last 100 steps {sum(curve[-100:]) / 100:.2f}")  # fmt: skip
+                title=f"γ = {gamma:.2g}: mean MaxVio, last 100 steps {sum(curve[-100:]) / 100:.2f}")  # fmt: skip
         ax0.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
-        tails = [sum(simulate(x, steps=150)[-50:]) / 50 for x in (g / 3, g, g * 3)]
+        tails = [sum(simulate(g, steps=150)[-50:]) / 50 for g in (gamma / 3, gamma, gamma * 3)]
         ax1.bar(["γ/3", "γ", "3γ"], tails, color=[GREY, BLUE, GREY])
         ax1.set(ylabel="MaxVio, steps 100–150", title="neighbours, 150 steps")
-        plt.close(fig)  # shown through the display handle, not by the inline backend
         return fig
 
     slider = widgets.FloatLogSlider(value=gamma, base=10, min=-4, max=-0.5, step=0.25,
-                                    description="γ", readout_format=".1e", continuous_update=False)  # fmt: skip
-    show_widget(slider, "(a γ slider: run the notebook to move it; the figure below is γ = "
-                f"{gamma:g})")  # fmt: skip
-    shown = display(draw(gamma), display_id=True)
-    slider.observe(lambda change: shown.update(draw(change["new"])), names="value")
+                                    description="γ", readout_format=".1e")  # fmt: skip
+    explorer(draw, {"gamma": slider})

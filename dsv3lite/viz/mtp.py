@@ -2,7 +2,8 @@
 training with MTP and of self-speculative decoding.
 
 ``mtp_figure`` draws report §2.2's sequential modules for the configuration it is given; the
-other functions draw what notebook 03 measures, so that its cells keep only the idea.
+other functions draw what notebook 03 measures, so that its cells keep only the idea. The boxes
+and arrows are ``dsv3lite.viz.diagram``'s, the slider is ``dsv3lite.viz.widgets``'s.
 """
 
 from __future__ import annotations
@@ -14,28 +15,15 @@ import torch
 from matplotlib.figure import Figure
 
 from ..config import ModelConfig, preset
-from .moe import (
-    BLUE,
-    GREEN,
-    GREY,
-    ORANGE,
-    PINK,
-    RED,
-    SKY,
-    canvas,
-    draw_arrow,
-    draw_box,
-    draw_path,
-    show_widget,
-)
+from .diagram import BLUE, GREEN, GREY, ORANGE, PINK, RED, SKY, arrow, box, canvas, path
 from .style import legend_outside
+from .widgets import explorer
 
 __all__ = [
     "acceptance_explorer",
     "loss_curves_figure",
     "mtp_figure",
     "sampling_figure",
-    "show_widget",
     "timeline_figure",
 ]
 
@@ -54,14 +42,14 @@ def mtp_figure(config: ModelConfig | None = None, depth: int | None = None) -> F
     if d < 1:
         raise ValueError(f"depth must be at least 1, got {d}")
     width = (d + 1) * (COL_W + GAP)
-    fig, ax = canvas(3.3 * (d + 1) + 0.6, 6.4, width, 9.0)
+    fig, ax = canvas(3.3 * (d + 1) + 0.6, 6.4, (0, width), (0, 9.0), equal=False)
     for k in range(d + 1):
         x = k * (COL_W + GAP) + 0.2
         _column(ax, x, k, c)
         if k:
             # h^{k-1} from the previous column's top block into this one's hnorm
             prev = x - GAP - COL_W
-            draw_path(ax, [(prev + COL_W, 5.6), (x - GAP / 2, 5.6), (x - GAP / 2, 2.75),
+            path(ax, [(prev + COL_W, 5.6), (x - GAP / 2, 5.6), (x - GAP / 2, 2.75),
                            (x, 2.75)], RED)  # fmt: skip
             ax.text(x - GAP / 2 - 0.08, 4.1, f"$h^{{{k - 1}}}_i$", ha="right", fontsize=11,
                     color=RED)  # fmt: skip
@@ -79,32 +67,34 @@ def mtp_figure(config: ModelConfig | None = None, depth: int | None = None) -> F
 def _column(ax, x: float, k: int, c: ModelConfig) -> None:
     """Column ``k`` of the picture: the main model (k = 0) or MTP module k."""
     tok = "t_i" if k == 0 else f"t_{{i+{k}}}"
-    ax.text(x + COL_W / 2, 0.1, f"input token ${tok}$", ha="center", va="bottom", fontsize=10)
-    draw_box(ax, x + (0.0 if k == 0 else 1.75), 0.75, 1.65 if k else COL_W, 0.9,
-             "Embedding\n(shared)", GREEN)  # fmt: skip
+    mid = x + COL_W / 2
+    ax.text(mid, 0.1, f"input token ${tok}$", ha="center", va="bottom", fontsize=10)
+    left, right = x + 0.825, x + 2.575  # the middles of two half columns, 1.65 wide
+    emb = (right, 1.65) if k else (mid, COL_W)  # an MTP module embeds in the right half
+    box(ax, emb[0], 1.2, emb[1], 0.9, "Embedding\n(shared)", 0.15, edge=GREEN, lw=1.6)
     if k == 0:
-        draw_arrow(ax, (x + COL_W / 2, 1.65), (x + COL_W / 2, 2.2))
-        draw_box(ax, x, 2.2, COL_W, 4.0, f"main model\n{c.num_hidden_layers} Transformer blocks\n"
-                 "(MLA + MoE)\n\nfinal RMSNorm\n" r"→ $h^0_i$", BLUE)  # fmt: skip
+        arrow(ax, (mid, 1.65), (mid, 2.2))
+        box(ax, mid, 4.2, COL_W, 4.0, f"main model\n{c.num_hidden_layers} Transformer blocks\n"
+                 "(MLA + MoE)\n\nfinal RMSNorm\n" r"→ $h^0_i$", 0.15, edge=BLUE, lw=1.6)  # fmt: skip
         label, loss = "t_{i+1}", r"$\mathcal{L}_{\mathrm{main}}$"
     else:
-        draw_box(ax, x, 2.3, 1.65, 0.9, f"RMSNorm\n$(h^{{{k - 1}}}_i)$", SKY)
-        draw_box(ax, x + 1.75, 2.3, 1.65, 0.9, f"RMSNorm\n(Emb(${tok}$))", SKY)
-        draw_arrow(ax, (x + 2.575, 1.65), (x + 2.575, 2.3))
-        draw_box(ax, x, 3.6, COL_W, 0.9, f"concatenate → projection $M_{k}$\n"
-                 f"(2 × {c.hidden_size} → {c.hidden_size})", PINK)  # fmt: skip
-        for xa in (x + 0.825, x + 2.575):
-            draw_arrow(ax, (xa, 3.2), (xa, 3.6))
-        draw_box(ax, x, 4.9, COL_W, 1.3, f"Transformer block $\\mathrm{{TRM}}_{k}$\n(MLA + MoE)\n"
-                 f"→ $h^{k}_i$", BLUE)  # fmt: skip
-        draw_arrow(ax, (x + COL_W / 2, 4.5), (x + COL_W / 2, 4.9))
+        box(ax, left, 2.75, 1.65, 0.9, f"RMSNorm\n$(h^{{{k - 1}}}_i)$", 0.15, edge=SKY, lw=1.6)
+        box(ax, right, 2.75, 1.65, 0.9, f"RMSNorm\n(Emb(${tok}$))", 0.15, edge=SKY, lw=1.6)
+        arrow(ax, (right, 1.65), (right, 2.3))
+        box(ax, mid, 4.05, COL_W, 0.9, f"concatenate → projection $M_{k}$\n"
+            f"(2 × {c.hidden_size} → {c.hidden_size})", 0.15, edge=PINK, lw=1.6)  # fmt: skip
+        for xa in (left, right):
+            arrow(ax, (xa, 3.2), (xa, 3.6))
+        box(ax, mid, 5.55, COL_W, 1.3, f"Transformer block $\\mathrm{{TRM}}_{k}$\n(MLA + MoE)\n"
+            f"→ $h^{k}_i$", 0.15, edge=BLUE, lw=1.6)  # fmt: skip
+        arrow(ax, (mid, 4.5), (mid, 4.9))
         label, loss = f"t_{{i+{k + 1}}}", f"$\\mathcal{{L}}^{{{k}}}_{{\\mathrm{{MTP}}}}$"
-    draw_arrow(ax, (x + COL_W / 2, 6.2), (x + COL_W / 2, 6.55))
-    draw_box(ax, x, 6.55, COL_W, 0.8, "Output head (shared)", GREEN)
-    draw_arrow(ax, (x + COL_W / 2, 7.35), (x + COL_W / 2, 7.75))
-    ax.text(x + COL_W / 2, 7.8, f"predicts ${label}$ → {loss}", ha="center", va="bottom",
+    arrow(ax, (mid, 6.2), (mid, 6.55))
+    box(ax, mid, 6.95, COL_W, 0.8, "Output head (shared)", 0.15, edge=GREEN, lw=1.6)
+    arrow(ax, (mid, 7.35), (mid, 7.75))
+    ax.text(mid, 7.8, f"predicts ${label}$ → {loss}", ha="center", va="bottom",
             fontsize=11, color=ORANGE if k else "black", weight="bold")  # fmt: skip
-    ax.text(x + COL_W / 2, 8.45, "main model" if k == 0 else f"MTP module {k}", ha="center",
+    ax.text(mid, 8.45, "main model" if k == 0 else f"MTP module {k}", ha="center",
             va="bottom", fontsize=10, color="#444444")  # fmt: skip
 
 
@@ -164,32 +154,22 @@ def acceptance_explorer(
     band, and the sample decoded at T. The view at ``value`` is drawn when the cell runs, so
     the saved notebook shows it where no kernel moves the slider."""
     import ipywidgets as widgets
-    from IPython.display import Pretty, display
+    from IPython.display import Pretty
 
     curve = [pooled(t)[:2] for t in temperatures]
 
-    def draw(t: float):
-        rate, per_forward, text = pooled(t)
+    def draw(temperature: float):
+        rate, per_forward, text = pooled(temperature)
         fig, ax = plt.subplots(figsize=(8, 3.2))
         ax.plot(temperatures, [r for r, _ in curve], "o-", label="acceptance rate")
         ax.plot(temperatures, [f - 1 for _, f in curve], "s--", label="tokens per forward − 1")
-        ax.plot([t], [rate], "o", ms=13, mfc="none", mec=RED, label=f"T = {t}")
+        ax.plot([temperature], [rate], "o", ms=13, mfc="none", mec=RED, label=f"T = {temperature}")
         ax.axhspan(*report_band, color=GREY, alpha=0.25, label="the report's acceptance")
         ax.set(xlabel="temperature", ylim=(0, 1.05), title="MTP drafts accepted by the main model")
         legend_outside(ax)
-        plt.close(fig)  # shown through the display handle, not by the inline backend
-        return fig, Pretty(f"T = {t}: {rate:.0%} accepted, {per_forward:.2f} tokens per forward"
-                           f"\n{text!r}")  # fmt: skip
+        return fig, Pretty(f"T = {temperature}: {rate:.0%} accepted, {per_forward:.2f} tokens "
+                           f"per forward\n{text!r}")  # fmt: skip
 
     slider = widgets.SelectionSlider(options=list(temperatures), value=value,
-                                     description="temperature", continuous_update=False)  # fmt: skip
-    show_widget(slider, f"(a temperature slider: run the notebook to move it; shown: T = {value})")
-    fig, text = draw(value)
-    shown_fig, shown_text = display(fig, display_id=True), display(text, display_id=True)
-
-    def redraw(change) -> None:
-        fig, text = draw(change["new"])
-        shown_fig.update(fig)
-        shown_text.update(text)
-
-    slider.observe(redraw, names="value")
+                                     description="temperature")  # fmt: skip
+    explorer(draw, {"temperature": slider})

@@ -11,7 +11,8 @@ and widget plumbing their cells would otherwise carry.
 * ``schedules_figure`` / ``explore_schedules`` — several schedules, one per row on a shared time
   axis, for comparing and for the explore widget of 07.
 * ``sm_figure`` — 06's toy model of SMs spent on communication against bandwidth reached.
-* ``explorer`` — sliders that redraw a figure when released (never on every intermediate value).
+
+The sliders over these figures are ``dsv3lite.viz.widgets.explorer``'s.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from ..parallel.schedules import KINDS, Simulation, plot_schedule, simulate
+from .diagram import arrow
 from .style import COLORS, DPI, legend_outside
 
 FORWARD, BACKWARD = COLORS[1], COLORS[2]  # orange / green, as F and B in the schedules
@@ -114,11 +116,7 @@ def overlap_figure() -> Figure:
     top.text(3.6, 1.0, "compute idle", ha="center", va="center", fontsize=9, color="#555555")
     for ax in (top, bottom):
         ax.axvline(alone, color="#555555", lw=1, ls=":")
-    bottom.add_patch(
-        FancyArrowPatch(
-            (paired, 0.45), (alone, 0.45), arrowstyle="<|-|>", mutation_scale=12, color="#333333"
-        )
-    )
+    arrow(bottom, (paired, 0.45), (alone, 0.45), style="<|-|>", lw=1.0)
     bottom.text(
         (paired + alone) / 2,
         0.62,
@@ -258,29 +256,3 @@ def sm_figure(
         ylim=(0.9, 3),
     )
     return fig, best
-
-
-def explorer(draw: Callable[..., Figure], controls: dict):
-    """Sliders that redraw ``draw(**values)`` below them when one is released.
-
-    ``controls`` maps ``draw``'s keyword arguments to ipywidgets sliders. Every slider gets
-    ``continuous_update=False``: dragging does not queue a redraw per intermediate value, one
-    redraw happens on release. Returns the widget (display it); a saved notebook shows it only
-    with a running kernel, so draw the figure once statically beside it."""
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    out = widgets.Output()
-
-    def redraw(_=None) -> None:
-        with out:
-            out.clear_output(wait=True)
-            display(draw(**{k: w.value for k, w in controls.items()}))
-
-    for w in controls.values():
-        w.continuous_update = False
-        w.observe(redraw, names="value")
-    items = list(controls.values())
-    rows = [widgets.HBox(items[i : i + 3]) for i in range(0, len(items), 3)]
-    redraw()
-    return widgets.VBox([*rows, out])
