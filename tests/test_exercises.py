@@ -57,6 +57,10 @@ def test_solution_passes(check, solution, capsys):
 
 NUMPY_OR_TORCH_CHECKS = [
     ex.check_absorbed_query,
+    ex.check_absorbed_values,
+    ex.check_max_violation,
+    ex.check_mtp_loss,
+    ex.check_greedy_verify,
     ex.check_group_limited_topk,
     ex.check_mtp_combine,
     ex.check_act_quant,

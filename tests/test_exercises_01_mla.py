@@ -6,7 +6,7 @@ import torch
 
 from dsv3lite.exercises import ExerciseError
 from dsv3lite.exercises.mla import check_absorbed_values
-from dsv3lite.exercises.solutions_01_mla import absorbed_values
+from dsv3lite.exercises.solutions import absorbed_values
 
 
 def _fails(answer, match: str, seed: int = 0) -> ExerciseError:

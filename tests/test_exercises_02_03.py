@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dsv3lite.exercises import ExerciseError
 from dsv3lite.exercises.moe import check_max_violation
 from dsv3lite.exercises.mtp import check_mtp_loss
-from dsv3lite.exercises.solutions_02_03 import max_violation, mtp_loss
+from dsv3lite.exercises.solutions import max_violation, mtp_loss
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -8,7 +8,7 @@ import torch
 
 from dsv3lite.exercises import ExerciseError
 from dsv3lite.exercises.inference import check_greedy_verify
-from dsv3lite.exercises.solutions_08_09_10 import greedy_verify
+from dsv3lite.exercises.solutions import greedy_verify
 
 
 def test_the_solution_passes(capsys):

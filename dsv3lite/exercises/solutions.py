@@ -1,9 +1,12 @@
 """Reference solutions of the exercises — look only after trying.
 
-One function per exercise, each passing its check in ``dsv3lite.exercises``. The published
-notebooks import them behind a clearly marked cell, so that they run top to bottom:
+One function per coding exercise, each passing its check in ``dsv3lite.exercises``. The
+notebooks never import this module (a student's own cell is the one that runs, and its check
+says "not done yet" until it is written); tests/test_exercises*.py run every solution against
+its check. To see one work in a notebook:
 
-    from dsv3lite.exercises.solutions import absorbed_query as my_absorbed_query
+    from dsv3lite.exercises.solutions import absorbed_query
+    check_absorbed_query(absorbed_query)
 
 The Triton kernel of notebook 05 is defined only where Triton is installed (Linux), and is a
 CPU (interpreted) kernel only if ``TRITON_INTERPRET=1`` was set before this module was first
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..kernels import tl, triton
 from ..model.mla import MLA
@@ -26,6 +30,13 @@ def absorbed_query(mla: MLA, q_nope: torch.Tensor) -> torch.Tensor:
     w = mla.kv_b_proj.weight.view(mla.n_heads, mla.nope + mla.v_dim, mla.kv_lora_rank)
     w_uk = w[:, : mla.nope]  # each head's block of rows is [W^UK_h ; W^UV_h]
     return torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+
+
+def absorbed_values(mla: MLA, probs: torch.Tensor, c_kv: torch.Tensor) -> torch.Tensor:
+    """probs [B, H, T, S], c_kv [B, S, d_c] → o [B, T, H, v_head_dim] = W^UV (Σ_j p_ij c_j)."""
+    w = mla.kv_b_proj.weight.view(mla.n_heads, mla.nope + mla.v_dim, mla.kv_lora_rank)
+    o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # average the latents first...
+    return torch.einsum("bthc,hdc->bthd", o_latent, w[:, mla.nope :])  # ...then W^UV once
 
 
 # ------------------------------------------------------------------------------ 02 MoE
@@ -46,10 +57,21 @@ def group_limited_topk(
     return indices, weights / weights.sum(dim=-1, keepdim=True)
 
 
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio of per-expert token counts: the busiest expert over the mean, minus one."""
+    load = load.float()
+    return float(load.max() / load.mean() - 1)
+
+
 # ------------------------------------------------------------------------------ 03 MTP
 def mtp_combine(mtp: MTPModule, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
     """Eq. (21): M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], embedding first."""
     return mtp.eh_proj(torch.cat([mtp.enorm(emb_next), mtp.hnorm(h_prev)], dim=-1))
+
+
+def mtp_loss(mtp_logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """L^k_MTP (eq. 24): depth k at position i predicts t_{i+k+1} = labels[:, i+k]."""
+    return F.cross_entropy(mtp_logits.flatten(0, 1), labels[:, k:].flatten())
 
 
 # ------------------------------------------------------------------------------ 04 FP8 numerics
@@ -139,3 +161,13 @@ def decode_step(
     scores = torch.einsum("bhc,blc->bhl", q_latent, kv) + torch.einsum("bhr,blr->bhl", q_pe, k_pe)
     scores = (scores * softmax_scale).masked_fill(~valid[:, None, :], float("-inf"))
     return torch.einsum("bhl,blc->bhc", scores.softmax(dim=-1), kv)
+
+
+# ------------------------------------------------------------------------------ 10 speculation
+def greedy_verify(main_logits: torch.Tensor, draft: int) -> list[int]:
+    """Greedy verification of an MTP draft (notebook 10): row 0 of ``main_logits`` [2, V]
+    predicts the draft's slot, row 1 the slot after it."""
+    choice = int(main_logits[0].argmax())
+    if choice == draft:
+        return [draft, int(main_logits[1].argmax())]
+    return [choice]
