@@ -180,8 +180,8 @@ def test_notebook_runs_without_triton(tmp_path: Path, name: str) -> None:
 # ------------------------------------------------------------------------------ the wheel
 @pytest.mark.slow
 def test_wheel_ships_the_kernels_and_the_recorded_results(tmp_path: Path) -> None:
-    """What a non-editable install gets: dsv3lite.kernels (from kernels/) and the benchmark
-    JSON the notebooks read through importlib.resources."""
+    """What a non-editable install gets: dsv3lite.kernels (from kernels/), the benchmark JSON
+    the notebooks read through importlib.resources, and the shipped trained model."""
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path)]
     subprocess.run([*cmd, str(ROOT)], check=True, timeout=600, capture_output=True)
     (wheel,) = tmp_path.glob("dsv3lite-*.whl")
@@ -193,3 +193,6 @@ def test_wheel_ships_the_kernels_and_the_recorded_results(tmp_path: Path) -> Non
     assert {f"{p}/__init__.py" for p in packages} <= names, "a subpackage missing from pyproject"
     recorded = {p.name for p in (ROOT / "dsv3lite" / "results").glob("*.json")}
     assert recorded and {f"dsv3lite/results/{n}" for n in recorded} <= names
+    shipped = {p.name for p in (ROOT / "dsv3lite" / "pretrained" / "tiny-docs").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= shipped
+    assert {f"dsv3lite/pretrained/tiny-docs/{n}" for n in shipped} <= names, "the shipped model"
