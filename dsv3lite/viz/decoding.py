@@ -13,38 +13,16 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from ..accounting import Roofline, absorbed_decode_cost
+from .diagram import GREY, arrow, box, canvas
+from .roofline import roofline
 from .style import COLORS, legend_outside
+from .widgets import explorer
 
 MAIN, MTP, ACCEPT, REJECT, CONTEXT = COLORS[0], COLORS[1], COLORS[2], COLORS[3], "#DDDDDD"
 LATENT, ROPE = 512, 64  # d_c and d_h^R of the release: what a cached token holds
-
-
-def _box(ax, x, y, w, h, text, color, *, dashed=False, fill=0.18, size=10) -> None:
-    """A rounded box with centred text; dashed for what is only proposed (a draft)."""
-    ax.add_patch(
-        FancyBboxPatch(
-            (x, y), w, h, boxstyle="round,pad=0.04,rounding_size=0.12", lw=1.6,
-            ec=color, fc=(*plt.matplotlib.colors.to_rgb(color), fill),
-            ls="--" if dashed else "-",
-        )
-    )  # fmt: skip
-    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size)
-
-
-def _arrow(ax, start, end, *, color="#333333", dashed=False, label=None, rad=0.0) -> None:
-    """An arrow from ``start`` to ``end`` (data coordinates), with an optional label above."""
-    ax.add_patch(
-        FancyArrowPatch(
-            start, end, arrowstyle="-|>", mutation_scale=14, lw=1.4, color=color,
-            ls="--" if dashed else "-", connectionstyle=f"arc3,rad={rad}",
-        )
-    )  # fmt: skip
-    if label:
-        mid = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.18)
-        ax.text(*mid, label, ha="center", va="bottom", fontsize=9, color=color)
+LABEL_ABOVE = dict(offset=(0.0, 0.3), ha="center", size=9)  # an arrow's label over its middle
 
 
 def speculation_figure() -> Figure:
@@ -58,41 +36,38 @@ def speculation_figure() -> Figure:
     d's slot in the cache is forgotten. Either way the output is what the main model alone
     would have written: speculation changes the cost, not the text.
     """
-    fig, ax = plt.subplots(figsize=(10.5, 5.4))
-    ax.set(xlim=(0, 10.5), ylim=(0, 6.1))
-    ax.axis("off")
-    tok = dict(w=1.15, h=0.62)
-
+    fig, ax = canvas(10.5, 5.4, (0, 10.5), (0, 6.1), equal=False)
     ax.text(0.1, 5.8, "step k: the main model picks the next token, the MTP module drafts "
             "the one after", fontsize=11, weight="bold")  # fmt: skip
-    _box(ax, 0.2, 3.75, 1.5, 0.62, r"$\ldots\ t_{i-1}\ t_i$", CONTEXT, fill=1.0)
-    _box(ax, 2.3, 3.55, 2.0, 1.0, "main model\n(cache of ≤ i)", MAIN)
-    _arrow(ax, (1.75, 4.06), (2.25, 4.06))
-    _box(ax, 4.95, 4.6, **tok, text=r"$t_{i+1}$", color=MAIN, fill=0.45)
-    _arrow(ax, (4.35, 4.3), (4.9, 4.85), color=MAIN)
+    box(ax, 0.95, 4.06, 1.5, 0.62, r"$\ldots\ t_{i-1}\ t_i$", CONTEXT, edge=CONTEXT, lw=1.6)
+    box(ax, 3.3, 4.05, 2.0, 1.0, "main model\n(cache of ≤ i)", 0.18, edge=MAIN, lw=1.6)
+    arrow(ax, (1.75, 4.06), (2.25, 4.06), lw=1.4)
+    box(ax, 5.525, 4.91, 1.15, 0.62, r"$t_{i+1}$", 0.45, edge=MAIN, lw=1.6)
+    arrow(ax, (4.35, 4.3), (4.9, 4.85), color=MAIN, lw=1.4)
     ax.text(4.2, 4.75, "argmax", ha="right", fontsize=9, color=MAIN)
-    _box(ax, 6.75, 3.55, 2.0, 1.0, "MTP module\n" + r"$(h_i,\ \mathrm{Emb}(t_{i+1}))$", MTP)
-    _arrow(ax, (4.35, 3.8), (6.7, 3.8), label=r"$h_i$", color=MAIN)
-    _arrow(ax, (6.15, 4.9), (6.9, 4.6), color=MAIN)
-    _box(ax, 9.2, 3.75, **tok, text=r"draft $d$", color=MTP, dashed=True)
-    _arrow(ax, (8.8, 4.06), (9.15, 4.06), color=MTP)
+    box(ax, 7.75, 4.05, 2.0, 1.0, "MTP module\n" + r"$(h_i,\ \mathrm{Emb}(t_{i+1}))$", 0.18,
+        edge=MTP, lw=1.6)  # fmt: skip
+    arrow(ax, (4.35, 3.8), (6.7, 3.8), r"$h_i$", color=MAIN, lw=1.4, **LABEL_ABOVE)
+    arrow(ax, (6.15, 4.9), (6.9, 4.6), color=MAIN, lw=1.4)
+    box(ax, 9.775, 4.06, 1.15, 0.62, r"draft $d$", 0.18, edge=MTP, dashed=True, lw=1.6)
+    arrow(ax, (8.8, 4.06), (9.15, 4.06), color=MTP, lw=1.4)
 
-    ax.plot([0.1, 10.4], [3.2, 3.2], color="#999999", lw=0.8, ls=":")
+    ax.plot([0.1, 10.4], [3.2, 3.2], color=GREY, lw=0.8, ls=":")
     ax.text(0.1, 2.85, "step k+1: one main forward over two tokens verifies the draft",
             fontsize=11, weight="bold")  # fmt: skip
-    _box(ax, 0.2, 1.35, **tok, text=r"$t_{i+1}$", color=MAIN, fill=0.45)
-    _box(ax, 0.2, 0.25, 1.15, 0.9, "draft $d$\n(step k)", MTP, dashed=True)
-    _box(ax, 2.3, 0.55, 2.0, 1.3, "main model\n2 positions,\none forward", MAIN)
-    _arrow(ax, (1.4, 1.66), (2.25, 1.5))
-    _arrow(ax, (1.4, 0.76), (2.25, 0.9))
-    _box(ax, 4.9, 1.0, 1.6, 0.62, r"its choice $= d$ ?", "#666666", fill=0.08)
-    _arrow(ax, (4.35, 1.2), (4.85, 1.3))
-    _box(ax, 7.1, 1.55, 3.2, 0.9, "accept: keep $d$ and the next token\n"
-         "→ 2 new tokens this step", ACCEPT)  # fmt: skip
-    _box(ax, 7.1, 0.2, 3.2, 0.9, "reject: its own choice replaces $d$\n"
-         "→ 1 new token; $d$'s slot dropped", REJECT)  # fmt: skip
-    _arrow(ax, (6.55, 1.5), (7.05, 1.95), color=ACCEPT, label="yes")
-    _arrow(ax, (6.55, 1.1), (7.05, 0.7), color=REJECT)
+    box(ax, 0.775, 1.66, 1.15, 0.62, r"$t_{i+1}$", 0.45, edge=MAIN, lw=1.6)
+    box(ax, 0.775, 0.7, 1.15, 0.9, "draft $d$\n(step k)", 0.18, edge=MTP, dashed=True, lw=1.6)
+    box(ax, 3.3, 1.2, 2.0, 1.3, "main model\n2 positions,\none forward", 0.18, edge=MAIN, lw=1.6)
+    arrow(ax, (1.4, 1.66), (2.25, 1.5), lw=1.4)
+    arrow(ax, (1.4, 0.76), (2.25, 0.9), lw=1.4)
+    box(ax, 5.7, 1.31, 1.6, 0.62, r"its choice $= d$ ?", 0.08, edge="#666666", lw=1.6)
+    arrow(ax, (4.35, 1.2), (4.85, 1.3), lw=1.4)
+    box(ax, 8.7, 2.0, 3.2, 0.9, "accept: keep $d$ and the next token\n"
+        "→ 2 new tokens this step", 0.18, edge=ACCEPT, lw=1.6)  # fmt: skip
+    box(ax, 8.7, 0.65, 3.2, 0.9, "reject: its own choice replaces $d$\n"
+        "→ 1 new token; $d$'s slot dropped", 0.18, edge=REJECT, lw=1.6)  # fmt: skip
+    arrow(ax, (6.55, 1.5), (7.05, 1.95), "yes", color=ACCEPT, lw=1.4, **LABEL_ABOVE)
+    arrow(ax, (6.55, 1.1), (7.05, 0.7), color=REJECT, lw=1.4)
     ax.text(6.7, 0.62, "no", fontsize=9, color=REJECT)
     return fig
 
@@ -115,19 +90,6 @@ def nucleus_figure(logits: torch.Tensor, temperatures: Sequence[float], top_p: f
     ax.set(xlabel="token rank", ylabel="probability", title=title)
     legend_outside(ax)
     return fig
-
-
-def roofline(ax, copy_gbs: float, gemm_tflops: float) -> None:
-    """Draw the roofline min(copy bandwidth × intensity, GEMM rate) on ``ax``, log–log, with
-    the ridge point where the two roofs meet: a kernel left of it is bound by bytes, right of
-    it by FLOPs."""
-    ai = torch.logspace(0, 3.3, 200)
-    ax.plot(ai, torch.clamp(ai * copy_gbs / 1e3, max=gemm_tflops), "k-", lw=1.2)
-    ax.axvline(gemm_tflops * 1e3 / copy_gbs, color="gray", ls=":", lw=1)
-    ax.text(1.2, 2.4 * copy_gbs / 1e3, f"copy {copy_gbs:,.0f} GB/s", rotation=30, fontsize=9)
-    ax.text(20, gemm_tflops * 1.15, f"bf16 GEMM {gemm_tflops:.0f} TFLOP/s", fontsize=9)
-    ax.set(xscale="log", yscale="log", xlim=(1, 2000), ylim=(1, 2000),
-           xlabel="arithmetic intensity (FLOP/byte)", ylabel="TFLOP/s")  # fmt: skip
 
 
 def intensity(heads: int, tokens: int = 1) -> float:
@@ -153,7 +115,7 @@ def mla_bench_figure(bench: dict, targets: dict[int, float]) -> Figure:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     markers = dict(zip(shapes, "osD^" * 2))
     fig, (ax, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=[1, 1.15])
-    roofline(ax, copy_gbs, gemm)
+    roofline(ax, Roofline(gemm * 1e12, copy_gbs * 1e9), ylim=(1, 2000))
     for r in rows:
         ours = r["impl"] == "ours triton"
         x = intensity(parse_shape(r["shape"])["H"]) * (1.06 if ours else 0.94)
@@ -197,10 +159,10 @@ def step_costs(heads: int, tokens: int, context: int, batch: int, copy_gbs: floa
 def explore_figure(heads, tokens, context, batch, copy_gbs, gemm_tflops) -> tuple[Figure, str]:
     """One view of the explorer: the step's point on the roofline and a line of its costs."""
     c = step_costs(heads, tokens, context, batch, copy_gbs, gemm_tflops)
+    roof = Roofline(gemm_tflops * 1e12, copy_gbs * 1e9)
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    roofline(ax, copy_gbs, gemm_tflops)
-    ax.plot([c["intensity"]], [min(c["intensity"] * copy_gbs / 1e3, gemm_tflops)], "o",
-            color=REJECT, ms=9)  # fmt: skip
+    roofline(ax, roof, ylim=(1, 2000))
+    ax.plot([c["intensity"]], [roof.attainable(c["intensity"]) / 1e12], "o", color=REJECT, ms=9)
     ax.set_title(f"H = {heads}, T = {tokens}: {c['intensity']:.0f} FLOP/byte, {c['bound']}")
     plt.close(fig)
     text = (
@@ -213,41 +175,31 @@ def explore_figure(heads, tokens, context, batch, copy_gbs, gemm_tflops) -> tupl
 
 
 def roofline_explorer(copy_gbs: float, gemm_tflops: float, **initial: int) -> None:
-    """Controls for heads, query tokens, context and batch, and the figure they redraw; the
-    view at ``initial`` is drawn into the output at once, so the saved notebook shows it (a
-    widget does not render on a static page). Sliders update on release."""
+    """Controls for heads, query tokens, context and batch over ``explore_figure``, through
+    ``widgets.explorer``: the view at ``initial`` is drawn into the output at once, so the saved
+    notebook shows it (a widget does not render on a static page); sliders redraw on release."""
     import ipywidgets as widgets
-    from IPython.display import Pretty, display
+    from IPython.display import Pretty
 
     values = dict(heads=128, tokens=1, context=4096, batch=64) | initial
-    slider = dict(continuous_update=False)
     controls = {
         "heads": widgets.SelectionSlider(
-            options=[8, 16, 32, 64, 128], description="heads H", value=values["heads"], **slider
-        ),  # fmt: skip
+            options=[8, 16, 32, 64, 128], value=values["heads"], description="heads H"
+        ),
         "tokens": widgets.ToggleButtons(options=[1, 2], value=values["tokens"], description="T"),
         "context": widgets.SelectionSlider(
-            options=[2**k for k in range(10, 18)],
-            value=values["context"],
-            description="context L",
-            **slider,
-        ),  # fmt: skip
+            options=[2**k for k in range(10, 18)], value=values["context"], description="context L"
+        ),
         "batch": widgets.SelectionSlider(
-            options=[1, 4, 16, 64, 128], value=values["batch"], description="batch B", **slider
-        ),  # fmt: skip
+            options=[1, 4, 16, 64, 128], value=values["batch"], description="batch B"
+        ),
     }
-    display(widgets.VBox(list(controls.values())))
-    fig, text = explore_figure(**values, copy_gbs=copy_gbs, gemm_tflops=gemm_tflops)
-    shown_fig, shown_text = display(fig, display_id=True), display(Pretty(text), display_id=True)
 
-    def redraw(_change) -> None:
-        now = {k: w.value for k, w in controls.items()}
+    def draw(**now):
         fig, text = explore_figure(**now, copy_gbs=copy_gbs, gemm_tflops=gemm_tflops)
-        shown_fig.update(fig)
-        shown_text.update(Pretty(text))
+        return fig, Pretty(text)
 
-    for w in controls.values():
-        w.observe(redraw, names="value")
+    explorer(draw, controls, per_row=1)
 
 
 def acceptance_figure(rates: dict[str, Sequence[float]], prompts: Sequence[str],

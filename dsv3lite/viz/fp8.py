@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+from matplotlib.patches import Rectangle
 
+from .diagram import arrow, box, canvas, tint
 from .style import COLORS, legend_outside
 
 # one colour per precision, the same in every picture of these notebooks
@@ -37,42 +38,10 @@ def _block() -> int:
     return int(quant.BLOCK)
 
 
-def _box(ax, x, y, w, h, text, color, fontsize=10, fill_alpha=0.18, **kw):
-    """A rounded box with centred text; its colour says the precision of what it holds."""
-    ax.add_patch(
-        FancyBboxPatch(
-            (x, y),
-            w,
-            h,
-            boxstyle="round,pad=0.02,rounding_size=0.08",
-            fc=(*_rgb(color), fill_alpha),
-            ec=color,
-            lw=1.5,
-            **kw,
-        )
-    )
-    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize)
-
-
-def _rgb(color: str) -> tuple[float, float, float]:
-    from matplotlib.colors import to_rgb
-
-    return to_rgb(color)
-
-
-def _arrow(ax, start, end, color="0.3", text=None, text_offset=(0, 0.12), **kw):
-    ax.add_patch(
-        FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color=color, lw=1.3, **kw)
-    )
-    if text:
-        mx, my = (start[0] + end[0]) / 2 + text_offset[0], (start[1] + end[1]) / 2 + text_offset[1]
-        ax.text(mx, my, text, ha="center", va="bottom", fontsize=9, color="0.25")
-
-
 def _precision_key(fig, handles_extra: Sequence = ()) -> None:
     """The colour key, below the drawing (never over it)."""
     handles = [
-        Rectangle((0, 0), 1, 1, fc=(*_rgb(c), 0.18), ec=c, lw=1.5, label=name)
+        Rectangle((0, 0), 1, 1, fc=tint(c, 0.18), ec=c, lw=1.5, label=name)
         for name, c in PRECISION_COLORS.items()
     ]
     fig.legend(
@@ -98,61 +67,52 @@ def fp8_flow_figure():
     the report). Each box is coloured by the precision its tensor is held in.
     """
     fp8, bf16, fp32 = (PRECISION_COLORS[k] for k in ("FP8", "BF16", "FP32"))
-    fig, ax = plt.subplots(figsize=(11, 5.6))
-    ax.set(xlim=(0, 10.6), ylim=(-1.0, 5.9))
-    ax.axis("off")
+    fig, ax = canvas(11, 5.6, (0, 10.6), (-1.0, 5.9), equal=False)
     w, h = 1.9, 0.75
-    col = [0.7, 3.1, 5.6, 8.4]
-    mid = h / 2
+    col = [1.65, 4.05, 6.55, 9.35]  # the centres of the four columns of blocks
+    fprop, weight, dgrad, wgrad, optim = 4.975, 3.875, 2.775, 0.975, -0.475  # rows' centres
 
-    def box(c, y, text, color, alpha=0.18):
-        _box(ax, col[c], y, w, h, text, color, fill_alpha=alpha)
+    def block(c, y, text, color, alpha=0.18):
+        box(ax, col[c], y, w, h, text, alpha, edge=color, lw=1.5)
 
-    def link(c0, y0, c1, y1, dy0=0.0, dy1=0.0, **kw):
-        _arrow(ax, (col[c0] + w, y0 + mid + dy0), (col[c1], y1 + mid + dy1), **kw)
+    def link(c0, y0, c1, y1, dy1=0.0):  # right edge of one block to the left edge of another
+        return arrow(ax, (col[c0] + w / 2, y0), (col[c1] - w / 2, y1 + dy1))
 
-    rows = {"Fprop  y = x·Wᵀ": 4.6, "Dgrad  dx = dy·W": 2.4, "Wgrad  dW = dyᵀ·x": 0.6}
+    rows = {"Fprop  y = x·Wᵀ": fprop, "Dgrad  dx = dy·W": dgrad, "Wgrad  dW = dyᵀ·x": wgrad}
     for name, y in rows.items():
-        box(2, y, "FP8 GEMM\naccumulate FP32", fp8, alpha=0.4)
-        ax.text(col[2] + w / 2, y + h + 0.1, name, ha="center", fontsize=10, weight="bold")
-    box(0, 4.6, "input x\nBF16", bf16)
-    box(1, 4.6, "x  FP8\n1×128 tiles", fp8)
-    box(0, 3.5, "master weight W\nFP32", fp32)
-    box(1, 3.5, "W  FP8\n128×128 blocks", fp8)
-    box(3, 4.6, "output y\nBF16", bf16)
-    link(0, 4.6, 1, 4.6)
-    link(0, 3.5, 1, 3.5)
-    link(1, 4.6, 2, 4.6, dy1=0.15)
-    link(1, 3.5, 2, 4.6, dy1=-0.15)
-    link(2, 4.6, 3, 4.6)
-    box(0, 2.4, "output grad dy\nBF16", bf16)
-    box(1, 2.4, "dy  FP8\n1×128 tiles", fp8)
-    box(3, 2.4, "input grad dx\nBF16", bf16)
-    link(0, 2.4, 1, 2.4)
-    link(1, 2.4, 2, 2.4, dy1=-0.15)
-    link(1, 3.5, 2, 2.4, dy1=0.15)
-    link(2, 2.4, 3, 2.4)
-    box(1, 0.6, "dyᵀ FP8, xᵀ FP8\n128×1 tiles", fp8)
-    box(3, 0.6, "weight grad dW\nFP32", fp32)
-    _arrow(ax, (col[0] + w / 2, 2.4), (col[1], 0.6 + mid), connectionstyle="arc3,rad=0.25")
-    _arrow(
-        ax,
-        (col[1] + w, 4.6 + 0.2),
-        (col[1] + w, 0.6 + h - 0.1),
-        ls="--",
-        connectionstyle="bar,fraction=-0.08",
-    )
-    ax.text(col[1] + w + 0.32, 1.75, "x cached\nin FP8", fontsize=9, color="0.25", ha="left")
-    link(1, 0.6, 2, 0.6)
-    link(2, 0.6, 3, 0.6)
-    box(0, -0.85, "optimizer: AdamW\nmoments BF16", bf16)
-    _arrow(
-        ax,
-        (col[3] + w / 2, 0.6),
-        (col[0] + w, -0.85 + mid),
-        connectionstyle="angle,angleA=-90,angleB=0",
-    )
-    _arrow(ax, (col[0], -0.85 + mid), (col[0], 3.5 + mid), connectionstyle="bar,fraction=-0.09")
+        block(2, y, "FP8 GEMM\naccumulate FP32", fp8, alpha=0.4)
+        ax.text(col[2], y + h / 2 + 0.1, name, ha="center", fontsize=10, weight="bold")
+    block(0, fprop, "input x\nBF16", bf16)
+    block(1, fprop, "x  FP8\n1×128 tiles", fp8)
+    block(0, weight, "master weight W\nFP32", fp32)
+    block(1, weight, "W  FP8\n128×128 blocks", fp8)
+    block(3, fprop, "output y\nBF16", bf16)
+    link(0, fprop, 1, fprop)
+    link(0, weight, 1, weight)
+    link(1, fprop, 2, fprop, dy1=0.15)
+    link(1, weight, 2, fprop, dy1=-0.15)
+    link(2, fprop, 3, fprop)
+    block(0, dgrad, "output grad dy\nBF16", bf16)
+    block(1, dgrad, "dy  FP8\n1×128 tiles", fp8)
+    block(3, dgrad, "input grad dx\nBF16", bf16)
+    link(0, dgrad, 1, dgrad)
+    link(1, dgrad, 2, dgrad, dy1=-0.15)
+    link(1, weight, 2, dgrad, dy1=0.15)
+    link(2, dgrad, 3, dgrad)
+    block(1, wgrad, "dyᵀ FP8, xᵀ FP8\n128×1 tiles", fp8)
+    block(3, wgrad, "weight grad dW\nFP32", fp32)
+    arrow(ax, (col[0], dgrad - h / 2), (col[1] - w / 2, wgrad), rad=0.25)
+    right = col[1] + w / 2  # x cached by Fprop, down the right side of its column
+    cached = arrow(ax, (right, fprop - h / 2 + 0.2), (right, wgrad + h / 2 - 0.1), dashed=True)
+    cached.set_connectionstyle("bar,fraction=-0.08")
+    ax.text(right + 0.32, 1.75, "x cached\nin FP8", fontsize=9, color="0.25", ha="left")
+    link(1, wgrad, 2, wgrad)
+    link(2, wgrad, 3, wgrad)
+    block(0, optim, "optimizer: AdamW\nmoments BF16", bf16)
+    to_optim = arrow(ax, (col[3], wgrad - h / 2), (col[0] + w / 2, optim))
+    to_optim.set_connectionstyle("angle,angleA=-90,angleB=0")
+    update = arrow(ax, (col[0] - w / 2, optim), (col[0] - w / 2, weight))
+    update.set_connectionstyle("bar,fraction=-0.09")
     ax.text(0.22, 1.4, "update W", fontsize=9, color="0.25", rotation=90, va="center")
     ax.set_title("one linear layer in training: FP8 operands, FP32 accumulation")
     _precision_key(fig)
@@ -181,13 +141,13 @@ def fp8_tiles_figure():
     for r in range(5):  # activation: 5 tokens × 4 tiles
         for j in range(k_groups):
             shade = 0.2 + 0.15 * ((r + j) % 2)
-            ax0.add_patch(Rectangle((j, 5.9 - r * 0.42), 0.94, 0.34, fc=(*_rgb(fp8), shade)))
+            ax0.add_patch(Rectangle((j, 5.9 - r * 0.42), 0.94, 0.34, fc=tint(fp8, shade)))
             ax0.plot(j + 0.84, 6.07 - r * 0.42, "o", ms=4, color=fp32)
     ax0.text(2, 6.5, f"activation x [M, K]: a scale per 1×{block} tile", ha="center")
     for r in range(2):  # weight: 2 × 4 blocks
         for j in range(k_groups):
             shade = 0.2 + 0.15 * ((r + j) % 2)
-            ax0.add_patch(Rectangle((j, 1.45 - r * 1.5), 0.94, 1.42, fc=(*_rgb(fp8), shade)))
+            ax0.add_patch(Rectangle((j, 1.45 - r * 1.5), 0.94, 1.42, fc=tint(fp8, shade)))
             ax0.plot(j + 0.84, 2.7 - r * 1.5, "o", ms=5, color=fp32)
     ax0.text(2, 3.2, f"weight W [N, K]: a scale per {block}×{block} block", ha="center")
     ax0.annotate("", xy=(0, 3.75), xytext=(0.94, 3.75), arrowprops={"arrowstyle": "|-|"})
@@ -206,17 +166,17 @@ def fp8_tiles_figure():
         for i in range(mmas):
             width = 2.2 / mmas
             ax1.add_patch(
-                Rectangle((x0 + i * width, 2.7), width * 0.92, 0.7, fc=(*_rgb(fp8), 0.35), ec=fp8)
+                Rectangle((x0 + i * width, 2.7), width * 0.92, 0.7, fc=tint(fp8, 0.35), ec=fp8)
             )
         ax1.text(x0 + 1.1, 3.55, f"{mmas} MMAs × {WGMMA_K}", ha="center", fontsize=9)
         ax1.text(
             x0 + 1.1, 2.35, "Tensor Core: ~14-bit\npartial sum", ha="center", fontsize=9, va="top"
         )
-        _arrow(ax1, (x0 + 1.1, 1.65), (x0 + 1.1, 1.05), color=fp32)
+        arrow(ax1, (x0 + 1.1, 1.65), (x0 + 1.1, 1.05), color=fp32)
         ax1.text(x0 + 1.2, 1.33, "× s_a · s_b", fontsize=9, color="0.25", va="center")
     ax1.annotate("", xy=(0, 4.0), xytext=(2.2, 4.0), arrowprops={"arrowstyle": "|-|"})
     ax1.text(1.1, 4.12, f"N_C = {block} elements", ha="center", va="bottom")
-    ax1.add_patch(Rectangle((0, 0.25), n_steps * 2.4 - 0.2, 0.75, fc=(*_rgb(fp32), 0.2), ec=fp32))
+    ax1.add_patch(Rectangle((0, 0.25), n_steps * 2.4 - 0.2, 0.75, fc=tint(fp32, 0.2), ec=fp32))
     ax1.text(
         n_steps * 1.2,
         0.62,

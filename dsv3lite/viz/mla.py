@@ -7,21 +7,21 @@ whose plumbing would otherwise fill the notebook's cells.
 * ``rope_folding_figure``: why W^UK folds into the query only when RoPE is decoupled;
 * ``absorbed_costs`` / ``cost_figure`` / ``cost_explorer``: bytes, FLOPs and arithmetic
   intensity of the absorbed decode step as the latent width and the head count change;
-* ``Roofline`` / ``roofline_figure``: where that step sits against a GPU's two ceilings.
+* ``roofline_figure``: where that step sits against a GPU's two ceilings (``Roofline``, the
+  arithmetic, is ``dsv3lite.accounting``'s; the line is drawn by ``viz.roofline``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
-import torch
 from matplotlib.figure import Figure
 
-from ..accounting import kv_cache_bytes
+from ..accounting import Roofline, absorbed_decode_cost, kv_cache_bytes
 from ..config import ModelConfig, preset
 from .diagram import FILL, arrow, box, canvas
+from .roofline import roofline
 from .style import COLORS, DPI, legend_outside
 from .widgets import explorer
 
@@ -212,35 +212,10 @@ def rope_folding_figure(exact_a, folded_a, exact_b, folded_b, t: int):
 def absorbed_costs(kv_lora_rank: int, n_heads: int, rope: int = 64, bytes_per_value: int = 2):
     """Per cached token per decode step of the absorbed path: (bytes read, FLOPs per head,
     FLOP per byte). The bytes are the latent and the RoPE key, read once for all heads; each
-    head does 2·(d_c + d_h^R) FLOPs for its score and 2·d_c for the value average."""
-    nbytes = (kv_lora_rank + rope) * bytes_per_value
-    flops = 2 * (kv_lora_rank + rope) + 2 * kv_lora_rank
+    head does 2·(d_c + d_h^R) FLOPs for its score and 2·d_c for the value average: the
+    package's ``accounting.absorbed_decode_cost`` for one head and one cached token."""
+    nbytes, flops = absorbed_decode_cost(kv_lora_rank, rope, 1, 1, 1, 1, bytes_per_value)
     return nbytes, flops, n_heads * flops / nbytes
-
-
-@dataclass(frozen=True)
-class Roofline:
-    """A GPU's two ceilings: FLOP/s and bytes/s. A kernel of arithmetic intensity I FLOP/byte
-    attains at most min(flops, I · bytes_per_s); the ridge flops / bytes_per_s separates the
-    memory-bound side (below) from the compute-bound one."""
-
-    flops: float
-    bytes_per_s: float
-    name: str = "GPU"
-
-    @property
-    def ridge(self) -> float:
-        return self.flops / self.bytes_per_s
-
-    def attainable(self, intensity: float) -> float:
-        return min(self.flops, intensity * self.bytes_per_s)
-
-    @classmethod
-    def from_results(cls, results: dict) -> Roofline:
-        """The ceilings a recorded benchmark run measured (``dsv3lite.results.load(...)``): its
-        best bf16 GEMM and its device-to-device copy, on that machine."""
-        ceil = results["ceilings"]
-        return cls(ceil["gemm_tflops"] * 1e12, ceil["copy_gbs"] * 1e9, results["env"]["device"])
 
 
 def cost_figure(
@@ -298,14 +273,11 @@ def roofline_figure(
     per byte in bf16, whatever the heads). Right: the absorbed step's intensity against n_h,
     the ridge splitting memory-bound from compute-bound."""
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10.5, 3.4), dpi=DPI)
-    ai = torch.logspace(-0.3, 3, 200)
-    ax0.plot(ai, torch.clamp(ai * roof.bytes_per_s, max=roof.flops) / 1e12, color="k", lw=1)
+    roofline(ax0, roof, (0.5, 1000.0), labels=False)
     for n_h in heads:
         i = absorbed_costs(kv_lora_rank, n_h, rope)[2]
         ax0.plot([i], [roof.attainable(i) / 1e12], "o", label=f"absorbed, {n_h} heads")
     ax0.plot([1.0], [roof.attainable(1.0) / 1e12], "s", color="gray", label="naive, any heads")
-    ax0.axvline(roof.ridge, color="gray", ls="--", lw=1)
-    ax0.set(xscale="log", yscale="log", xlabel="FLOP per byte", ylabel="attainable TFLOP/s")
     ax0.set_title(f"{roof.name} roofline, one MLA decode step")
     legend_outside(ax0)
     hs = list(range(16, 129, 8))
