@@ -174,8 +174,8 @@ def test_group_score_is_validated_and_saved(tmp_path):
 
 @pytest.mark.parametrize("n_tokens", [0, 1, 37])
 def test_gather_matches_indexing_forward_and_backward(n_tokens):
-    """moe.gather's hand-written backward (the inverse permutation, then a sum over each
-    token's K copies) equals autograd's through x[token], in fp64 on fresh random routing."""
+    """moe.gather and the sorted weights (index_select, for its cheaper backward) equal
+    autograd through plain indexing, in fp64 on fresh random routing."""
     from dsv3lite.model.moe import Routing, gather, sort_pairs
 
     k, n_experts, hidden = 3, 8, 5
@@ -184,17 +184,20 @@ def test_gather_matches_indexing_forward_and_backward(n_tokens):
     weights = torch.rand(n_tokens, k, dtype=torch.float64, requires_grad=True)
     load = torch.bincount(indices.flatten(), minlength=n_experts)
     pairs = sort_pairs(Routing(weights=weights, indices=indices, scores=scores, load=load))
+    order = indices.flatten().argsort(stable=True)
+    assert torch.equal(pairs.token, order // k)
+    assert torch.equal(indices.flatten()[order].bincount(minlength=n_experts), load)
     x = torch.randn(n_tokens, hidden, dtype=torch.float64, requires_grad=True)
     rows = gather(x, pairs)
     reference = x[pairs.token]
     assert torch.equal(rows, reference)
-    assert torch.equal(pairs.weight, weights.flatten()[pairs.order])
+    assert torch.equal(pairs.weight, weights.flatten()[order])
     grad_rows, grad_w = torch.randn_like(rows), torch.randn_like(pairs.weight)
     got = torch.autograd.grad(
         (rows * grad_rows).sum() + (pairs.weight * grad_w).sum(), [x, weights]
     )
     want = torch.autograd.grad(
-        (reference * grad_rows).sum() + (weights.flatten()[pairs.order] * grad_w).sum(),
+        (reference * grad_rows).sum() + (weights.flatten()[order] * grad_w).sum(),
         [x, weights],
     )
     for g, w in zip(got, want):

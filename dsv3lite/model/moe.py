@@ -148,8 +148,6 @@ class Pairs:
     (pair p = token p // K_r, its (p % K_r)-th choice). Expert i owns the sorted rows from
     counts[0] + … + counts[i-1] on, so each expert's rows are one contiguous slice."""
 
-    k: int  # K_r, the pairs of each token
-    order: torch.Tensor  # [N·K_r] the number p of each sorted pair: a permutation of 0 … N·K_r−1
     token: torch.Tensor  # [N·K_r] the token of each sorted pair (stable: by token in an expert)
     weight: torch.Tensor  # [N·K_r] g_{i,t} of each sorted pair (fp32, with grad)
     counts: torch.Tensor  # [N_r] pairs per expert: the gate's load, counted once
@@ -159,45 +157,21 @@ def sort_pairs(routing: Routing) -> Pairs:
     """Sort the pairs by expert (on the device: no host sync)."""
     # the narrowest integer that holds an expert id: a GPU radix sort makes one pass per byte
     # of the key, so int16 ids sort in 2 passes where topk's int64 would take 8
-    n_experts, k = routing.load.numel(), routing.indices.shape[1]
+    n_experts = routing.load.numel()
     key = routing.indices.flatten().to(torch.int16 if n_experts <= 2**15 else torch.int32)
     order = key.argsort(stable=True)
     return Pairs(
-        k=k,
-        order=order,
-        token=order // k,
-        weight=_GatherPairs.apply(routing.weights.flatten(), order, 1),
+        token=order // routing.indices.shape[1],
+        weight=routing.weights.flatten().index_select(0, order),  # (see gather)
         counts=routing.load,
     )
 
 
 def gather(x: torch.Tensor, pairs: Pairs) -> torch.Tensor:
-    """The sorted pairs' rows of x [N, hidden] → [N·K_r, hidden] (x[pairs.token], with the
-    cheaper backward of ``_GatherPairs``)."""
-    return _GatherPairs.apply(x, pairs.order, pairs.k)
-
-
-class _GatherPairs(torch.autograd.Function):
-    """rows[j] = x[order[j] // k]: each row of x [N, ...] copied to its k pairs, in sorted order.
-
-    For a general index autograd's backward is a scatter-add (an accumulating index_put, which
-    a GPU runs as another sort and a dozen small kernels). ``order`` is a permutation, so the
-    gradient is its inverse permutation — a gather again — then a sum over each row's k copies.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(order)
-        ctx.k = k
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        positions = torch.arange(order.numel(), device=order.device)
-        inverse = torch.empty_like(order).scatter_(0, order, positions)  # inverse[order[j]] = j
-        by_pair = grad.index_select(0, inverse)  # row p: the gradient of pair p
-        return by_pair.view(-1, ctx.k, *grad.shape[1:]).sum(1), None, None
+    """The sorted pairs' rows of x [N, hidden] → [N·K_r, hidden]. ``index_select``, not
+    ``x[pairs.token]``: its backward is one scatter-add, where indexing's backward (an
+    accumulating index_put) sorts the indices again and launches a dozen kernels on a GPU."""
+    return x.index_select(0, pairs.token)
 
 
 def combine(out: torch.Tensor, pairs: Pairs, n_tokens: int) -> torch.Tensor:
