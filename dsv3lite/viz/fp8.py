@@ -175,7 +175,7 @@ def fp8_tiles_figure():
         arrow(ax1, (x0 + 1.1, 1.65), (x0 + 1.1, 1.05), color=fp32)
         ax1.text(x0 + 1.2, 1.33, "× s_a · s_b", fontsize=9, color="0.25", va="center")
     ax1.annotate("", xy=(0, 4.0), xytext=(2.2, 4.0), arrowprops={"arrowstyle": "|-|"})
-    ax1.text(1.1, 4.12, f"N_C = {block} elements", ha="center", va="bottom")
+    ax1.text(1.1, 4.25, f"N_C = {block} elements", ha="center", va="bottom")  # above the caps
     ax1.add_patch(Rectangle((0, 0.25), n_steps * 2.4 - 0.2, 0.75, fc=tint(fp32, 0.2), ec=fp32))
     ax1.text(
         n_steps * 1.2,
